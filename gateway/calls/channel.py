@@ -1,0 +1,58 @@
+"""Channel: one call leg's clock and STT session.
+
+Audio is placed on the call clock by its media timestamp (invariant 1) and whatever the clock
+releases, contiguous and gap-filled, goes to the channel's STT session in order.
+"""
+
+from __future__ import annotations
+
+from gateway.ingress.events import ChannelSpec
+from gateway.media.clock import ChannelClock
+from gateway.media.codec import silence
+from gateway.stt.session import SttSession
+from gateway.transcript.model import ChannelInfo
+
+
+def channel_info(spec: ChannelSpec) -> ChannelInfo:
+    return ChannelInfo(spec.index, spec.role, spec.participant)
+
+
+class Channel:
+    """A leg of a call. ``sent`` counts samples handed to the session (== call time covered)."""
+
+    def __init__(
+        self,
+        spec: ChannelSpec,
+        session: SttSession,
+        *,
+        reorder_window: int = 0,
+        max_jump: int | None = None,
+    ) -> None:
+        self.spec = spec
+        self.session = session
+        self.clock = ChannelClock(
+            silence(spec.codec, 1), reorder_window=reorder_window, max_jump=max_jump
+        )
+        self.sent = 0
+        self.failed: str | None = None
+
+    async def push(self, start: int | None, payload: bytes) -> None:
+        await self._send(self.clock.push(start, payload))
+
+    async def fill_to(self, t: int) -> None:
+        await self._send(self.clock.fill_to(t))
+        await self._send(self.clock.flush())
+
+    async def _send(self, released: bytes) -> None:
+        if released:
+            self.sent += len(released) // self.spec.codec.sample_width
+            if self.failed is None:
+                await self.session.send(released)
+
+    @property
+    def duration_ms(self) -> int:
+        return self.sent * 1000 // self.spec.sample_rate
+
+    @property
+    def filled_ms(self) -> int:
+        return self.clock.filled_samples * 1000 // self.spec.sample_rate

@@ -1,0 +1,206 @@
+"""Typed settings: ``config/gateway.toml`` < ``GATEWAY_*`` environment < credentials directory.
+
+Every key with its default is documented in ``config/gateway.toml``. Environment variables use the
+``GATEWAY_`` prefix and ``__`` between levels (``GATEWAY_STT__LOCAL__BEAM_SIZE=5``). The credentials
+directory (``$CREDENTIALS_DIRECTORY``, which systemd's ``LoadCredential=`` fills) holds one file per
+secret, named by the dotted key (``stt.assemblyai.api_key``). Validation happens once, at start:
+:func:`load_settings` raises :class:`ConfigError` whose message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "GATEWAY_"
+ENV_DELIMITER = "__"
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line that names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalEngineSettings(_Section):
+    """The embedded engine: Silero VAD endpointing + faster-whisper."""
+
+    model_path: str = ""
+    compute_type: Literal["int8", "int8_float32", "float32", "int16"] = "int8"
+    workers: int = Field(1, ge=1, le=64)
+    cpu_threads: int = Field(0, ge=0, le=256)
+    beam_size: int = Field(1, ge=1, le=10)
+    vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_speech_ms: int = Field(120, ge=0, le=5000)
+    speech_pad_ms: int = Field(200, ge=0, le=2000)
+    min_turn_silence_ms: int = Field(400, ge=50, le=10000)
+    max_turn_silence_ms: int = Field(1280, ge=50, le=30000)
+    max_turn_ms: int = Field(20000, ge=2000, le=60000)
+    partial_interval_ms: int = Field(1000, ge=0, le=60000)
+    input_queue_chunks: int = Field(256, ge=1, le=100000)
+
+    @model_validator(mode="after")
+    def _silences(self) -> LocalEngineSettings:
+        if self.max_turn_silence_ms < self.min_turn_silence_ms:
+            raise ValueError("max_turn_silence_ms must be >= min_turn_silence_ms")
+        if self.model_path and not Path(self.model_path).is_dir():
+            raise ValueError(f"model_path {self.model_path!r} is not a directory")
+        return self
+
+
+class SttSettings(_Section):
+    engine: Literal["local"] = "local"
+    local: LocalEngineSettings = LocalEngineSettings()
+
+
+class TranscriptSettings(_Section):
+    join_same_speaker: bool = True
+    max_join_gap_ms: int = Field(1000, ge=0, le=60000)
+
+
+class CallSettings(_Section):
+    default_roles: tuple[str, ...] = ("customer", "agent")
+    max_channels: int = Field(8, ge=1, le=32)
+    max_timestamp_jump_s: int = Field(600, ge=1, le=86400)
+
+    @model_validator(mode="after")
+    def _roles(self) -> CallSettings:
+        if any(not r.strip() for r in self.default_roles):
+            raise ValueError("roles must be non-empty strings")
+        return self
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+    log_transcripts: bool = False
+
+
+class Settings(BaseSettings):
+    """The whole configuration tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    stt: SttSettings = SttSettings()
+    transcript: TranscriptSettings = TranscriptSettings()
+    calls: CallSettings = CallSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: credentials > environment > the TOML file (passed as init kwargs).
+        return (
+            _CredentialsSource(settings_cls),
+            _StrictEnvSource(settings_cls),
+            init_settings,
+        )
+
+
+class _StrictEnvSource(EnvSettingsSource):
+    """The standard env source, plus an error for ``GATEWAY_*`` names that match no key."""
+
+    def __call__(self) -> dict[str, Any]:
+        for name in os.environ:
+            if name.upper().startswith(ENV_PREFIX) and name.upper() != "GATEWAY_CONFIG":
+                path = name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
+                if not _known_path(Settings, path):
+                    raise ConfigError(f"{name}: unknown setting {'.'.join(path)!r}")
+        return super().__call__()
+
+
+class _CredentialsSource(PydanticBaseSettingsSource):
+    """Files in ``$CREDENTIALS_DIRECTORY`` named by dotted key, e.g. ``stt.assemblyai.api_key``."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            return {}
+        out: dict[str, Any] = {}
+        base = Path(directory)
+        if not base.is_dir():
+            raise ConfigError(f"CREDENTIALS_DIRECTORY {directory!r} is not a directory")
+        for entry in sorted(base.iterdir()):
+            path = entry.name.split(".")
+            if not entry.is_file() or not _known_path(Settings, path):
+                continue  # systemd may pass credentials meant for other programs
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = entry.read_text().strip()
+        return out
+
+
+def _known_path(model: type[BaseModel], path: list[str]) -> bool:
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return False
+    if len(path) == 1:
+        return True
+    sub = field.annotation
+    return isinstance(sub, type) and issubclass(sub, BaseModel) and _known_path(sub, path[1:])
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, merge and validate the configuration.
+
+    ``path`` (or ``$GATEWAY_CONFIG``) names the TOML file; without one, defaults apply.
+    Raises :class:`ConfigError` with a one-line message on any problem.
+    """
+    chosen = path if path is not None else os.environ.get("GATEWAY_CONFIG") or None
+    file_values: dict[str, Any] = {}
+    if chosen is not None:
+        p = Path(chosen)
+        try:
+            with p.open("rb") as fh:
+                file_values = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(p)!r} not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(p)!r} is a directory") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r}: invalid TOML: {exc}") from None
+    try:
+        return Settings(**file_values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], dict | list):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return f"{key}: {msg}{more if len(errors) > 1 else ''}"

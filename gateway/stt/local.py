@@ -1,0 +1,429 @@
+"""The embedded speech engine: Silero VAD endpointing plus faster-whisper, with no network.
+
+:class:`LocalEngine` owns the shared resources: the Whisper model, the VAD model and two bounded
+thread pools (recognition, and VAD + resampling) shared by all channels. :class:`LocalSession` is
+the thin asyncio shell around one channel's sans-I/O :class:`TurnSegmenter`.
+
+A session processes its audio strictly in order and waits for the recognizer whenever the
+endpointing decision needs words, so a file transcribed at 20x real time gives the same turns as the
+same audio streamed live. Partials are best effort: at most one in flight per channel, skipped while
+the recognition pool is busy ("off under load").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.config import LocalEngineSettings
+from gateway.media import codec as codecs
+from gateway.media.resample import Resampler
+from gateway.stt.endpointing import (
+    EndCandidate,
+    PartialDue,
+    SegmenterEvent,
+    TurnClosed,
+    TurnOpened,
+    TurnResumed,
+    TurnSegmenter,
+)
+from gateway.stt.recognizer import Recognition, WhisperRecognizer
+from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
+from gateway.stt.vad import SileroModel, SileroStream
+from gateway.transcript.model import TurnUpdate, Word
+
+RATE = 16000
+_MS = RATE // 1000
+
+
+class LocalEngine:
+    """Shared model and worker pools of the embedded engine."""
+
+    name = "local"
+
+    def __init__(self, settings: LocalEngineSettings) -> None:
+        self.settings = settings
+        self._recognizer: WhisperRecognizer | None = None
+        self._vad: SileroModel | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._vad_pool: ThreadPoolExecutor | None = None
+        self._inflight = 0
+        self.sessions: set[LocalSession] = set()
+
+    @property
+    def ready(self) -> bool:
+        return self._recognizer is not None
+
+    async def start(self) -> None:
+        if self._recognizer is not None:
+            return
+        s = self.settings
+        workers = s.workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stt-local")
+        self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="stt-vad")
+        model_path = Path(s.model_path) if s.model_path else None
+        loop = asyncio.get_running_loop()
+        self._recognizer = await loop.run_in_executor(
+            self._pool,
+            partial(
+                WhisperRecognizer,
+                model_path,
+                compute_type=s.compute_type,
+                cpu_threads=s.cpu_threads,
+                num_workers=workers,
+                beam_size=s.beam_size,
+            ),
+        )
+        self._vad = await loop.run_in_executor(self._vad_pool, SileroModel)
+
+    async def close(self) -> None:
+        for session in list(self.sessions):
+            await session.aclose()
+        pools = [p for p in (self._pool, self._vad_pool) if p is not None]
+        self._pool = self._vad_pool = None
+        self._recognizer = None
+        for pool in pools:
+            # shutdown(wait=True) joins threads: do it off the loop.
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+    def open_session(self, params: SessionParams) -> LocalSession:
+        if self._recognizer is None or self._vad is None:
+            raise RuntimeError("LocalEngine.start() was not awaited")
+        session = LocalSession(self, params)
+        self.sessions.add(session)
+        return session
+
+    # -- worker-pool helpers used by sessions ----------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        """Every recognition worker has a job: partials are skipped."""
+        return self._inflight >= self.settings.workers
+
+    async def recognize(self, audio: npt.NDArray[np.float32], *, words: bool = True) -> Recognition:
+        assert self._recognizer is not None and self._pool is not None
+        self._inflight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._pool, partial(self._recognizer.recognize, audio, words=words)
+            )
+        finally:
+            self._inflight -= 1
+
+    async def in_vad_pool(
+        self, fn: partial[tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        assert self._vad_pool is not None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._vad_pool, fn)
+
+    def vad_stream(self) -> SileroStream:
+        assert self._vad is not None
+        return SileroStream(self._vad)
+
+
+class _Buffer:
+    """16 kHz audio of the channel from ``base`` on; older audio is trimmed as turns close."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self._chunks: list[npt.NDArray[np.float32]] = []
+        self._data = np.zeros(0, np.float32)
+        self.end = 0
+
+    def append(self, x: npt.NDArray[np.float32]) -> None:
+        if x.size:
+            self._chunks.append(x)
+            self.end += x.size
+
+    def slice(self, start: int, end: int) -> npt.NDArray[np.float32]:
+        self._consolidate()
+        a = max(start, self.base) - self.base
+        b = max(min(end, self.end), self.base) - self.base
+        return self._data[a:b].copy()
+
+    def trim(self, before: int) -> None:
+        if before <= self.base:
+            return
+        self._consolidate()
+        cut = min(before, self.end) - self.base
+        self._data = self._data[cut:]
+        self.base += cut
+
+    def _consolidate(self) -> None:
+        if self._chunks:
+            self._data = np.concatenate([self._data, *self._chunks])
+            self._chunks.clear()
+
+
+class LocalSession:
+    """One channel of the embedded engine (see :class:`~gateway.stt.session.SttSession`)."""
+
+    def __init__(self, engine: LocalEngine, params: SessionParams) -> None:
+        s = engine.settings
+        self.params = params
+        self._engine = engine
+        self._input: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=s.input_queue_chunks)
+        self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
+        self._resampler = Resampler(params.sample_rate, RATE)
+        self._vad = engine.vad_stream()
+        self._segmenter = TurnSegmenter(
+            sample_rate=RATE,
+            threshold=s.vad_threshold,
+            min_speech_ms=s.min_speech_ms,
+            pad_ms=s.speech_pad_ms,
+            min_turn_silence_ms=s.min_turn_silence_ms,
+            max_turn_silence_ms=s.max_turn_silence_ms,
+            max_turn_ms=s.max_turn_ms,
+            partial_interval_ms=s.partial_interval_ms if params.partials else None,
+        )
+        self._buffer = _Buffer()
+        self._turn_order = 0
+        self._partials_sent = False
+        self._held: tuple[EndCandidate, Recognition] | None = None
+        self._partial_task: asyncio.Task[None] | None = None
+        self._last_watermark = -1
+        self._finishing = False
+        self._task = asyncio.create_task(self._run(), name=f"stt-local-ch{params.channel}")
+
+    # -- SttSession -----------------------------------------------------------------------------
+
+    async def send(self, audio: bytes) -> None:
+        if self._finishing:
+            raise RuntimeError("send() after finish()")
+        if self._task.done():
+            return  # the session failed; its SttError is already in the event stream
+        await self._input.put(audio)
+
+    async def finish(self) -> None:
+        if not self._finishing:
+            self._finishing = True
+            if not self._task.done():
+                await self._input.put(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._task)
+
+    async def events(self) -> AsyncIterator[SttEvent]:
+        while True:
+            event = await self._output.get()
+            if event is None:
+                return
+            yield event
+
+    async def aclose(self) -> None:
+        self._finishing = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    # -- processing -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                chunk = await self._input.get()
+                chunks: list[bytes] = []
+                done = chunk is None
+                if chunk is not None:
+                    chunks.append(chunk)
+                # Batch whatever else is queued: one pool hop per batch, not per 20 ms frame.
+                while not done and not self._input.empty():
+                    more = self._input.get_nowait()
+                    if more is None:
+                        done = True
+                    else:
+                        chunks.append(more)
+                if chunks:
+                    await self._process(b"".join(chunks), final=False)
+                if done:
+                    await self._process(b"", final=True)
+                    for event in self._segmenter.flush():
+                        await self._handle(event)
+                    self._watermark(force_end=True)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a recognizer crash fails this channel only
+            self._output.put_nowait(SttError(self.params.channel, f"local engine: {exc}", True))
+        finally:
+            if self._partial_task is not None:
+                self._partial_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._partial_task
+            self._output.put_nowait(None)
+            self._engine.sessions.discard(self)
+
+    async def _process(self, payload: bytes, *, final: bool) -> None:
+        pcm = codecs.decode(self.params.codec, payload) if payload else b""
+        x = codecs.pcm16_to_float32(pcm) if pcm else np.zeros(0, np.float32)
+        y, probs = await self._engine.in_vad_pool(partial(self._resample_and_vad, x, final))
+        self._buffer.append(y)
+        events = self._segmenter.feed(probs.tolist())
+        while events:
+            for event in events:
+                await self._handle(event)
+            # An EndCandidate paused the segmenter; go on with the audio queued behind it.
+            events = self._segmenter.feed(())
+        self._trim()
+        self._watermark()
+
+    def _resample_and_vad(
+        self, x: npt.NDArray[np.float32], final: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        y = self._resampler.process(x) if x.size else np.zeros(0, np.float32)
+        if final:
+            tail = self._resampler.flush()
+            y = np.concatenate([y, tail]) if tail.size else y
+        return y.astype(np.float32, copy=False), self._vad.feed(y)
+
+    async def _handle(self, event: SegmenterEvent) -> None:
+        if isinstance(event, TurnOpened):
+            self._partials_sent = False
+        elif isinstance(event, PartialDue):
+            self._start_partial(event)
+        elif isinstance(event, EndCandidate):
+            result = await self._recognize(event.start, event.end, event.regions)
+            if not result.text or result.complete:
+                closed = self._segmenter.end_turn()
+                self._emit_final(closed.start, closed.end, result, closed.regions)
+            else:
+                self._segmenter.keep_turn()
+                self._held = (event, result)
+        elif isinstance(event, TurnResumed):
+            self._held = None
+        elif isinstance(event, TurnClosed):
+            held = self._held
+            self._held = None
+            if held is not None and (held[0].start, held[0].end) == (event.start, event.end):
+                result = held[1]
+            else:
+                result = await self._recognize(event.start, event.end, event.regions)
+            self._emit_final(event.start, event.end, result, event.regions)
+        else:  # TurnDropped: a blip with no words; close any partial shown for it
+            if self._partials_sent:
+                self._emit_final(event.start, event.end, Recognition("", (), 0.0), ())
+
+    async def _recognize(
+        self, start: int, end: int, regions: tuple[tuple[int, int], ...]
+    ) -> Recognition:
+        await self._cancel_partial()
+        return await self._engine.recognize(self._buffer.slice(start, end), words=True)
+
+    def _start_partial(self, due: PartialDue) -> None:
+        if self._partial_task is not None or self._engine.busy:
+            return
+        audio = self._buffer.slice(due.start, due.end)
+        order = self._turn_order
+        self._partial_task = asyncio.create_task(self._partial(audio, due.start, order))
+
+    async def _partial(self, audio: npt.NDArray[np.float32], start: int, order: int) -> None:
+        try:
+            result = await self._engine.recognize(audio, words=True)
+            if order == self._turn_order and result.text:
+                self._partials_sent = True
+                self._output.put_nowait(self._update(start, result, (), final=False))
+        finally:
+            self._partial_task = None
+
+    async def _cancel_partial(self) -> None:
+        task = self._partial_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._partial_task = None
+
+    def _emit_final(
+        self, start: int, end: int, result: Recognition, regions: tuple[tuple[int, int], ...]
+    ) -> None:
+        if not result.text and not self._partials_sent:
+            return
+        update = self._update(start, result, regions, final=True, audio_end=end)
+        self._output.put_nowait(update)
+        self._turn_order += 1
+        self._partials_sent = False
+
+    def _update(
+        self,
+        start: int,
+        result: Recognition,
+        regions: tuple[tuple[int, int], ...],
+        *,
+        final: bool,
+        audio_end: int | None = None,
+    ) -> TurnUpdate:
+        off = self.params.offset_ms
+        words: list[Word] = []
+        for w in result.words:
+            a = start + int(round(w.start * RATE))
+            b = start + int(round(w.end * RATE))
+            a, b = _snap(a, b, regions)
+            if words and a < words[-1].start:
+                a = words[-1].start
+            b = max(b, a)
+            words.append(Word(w.text, off + a // _MS, off + b // _MS, round(w.probability, 4)))
+        if words:
+            start_ms, end_ms = words[0].start, max(w.end for w in words)
+        elif regions:
+            start_ms, end_ms = off + regions[0][0] // _MS, off + regions[-1][1] // _MS
+        else:
+            start_ms = off + start // _MS
+            end_ms = off + (audio_end if audio_end is not None else start) // _MS
+        return TurnUpdate(
+            channel=self.params.channel,
+            epoch=0,
+            turn_order=self._turn_order,
+            words=tuple(words),
+            text=result.text,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            final=final,
+            confidence=round(result.confidence, 4),
+        )
+
+    def _trim(self) -> None:
+        keep_from = self._segmenter.turn_start
+        if keep_from is None:
+            keep_from = self._segmenter.position - self._segmenter.pad - 2 * self._segmenter.window
+        self._buffer.trim(keep_from)
+
+    def _watermark(self, *, force_end: bool = False) -> None:
+        pos = self._segmenter.watermark if not force_end else self._buffer.end + RATE
+        ms = self.params.offset_ms + pos // _MS
+        if ms > self._last_watermark:
+            self._last_watermark = ms
+            self._output.put_nowait(Watermark(self.params.channel, ms))
+
+
+def _snap(a: int, b: int, regions: tuple[tuple[int, int], ...]) -> tuple[int, int]:
+    """Move word bounds that Whisper placed in VAD silence to the nearest speech edge.
+
+    Whisper's word times drift by a few hundred ms around pauses; the VAD knows where speech is.
+    """
+    if not regions:
+        return a, b
+    for i, (ra, rb) in enumerate(regions):
+        if a < ra:
+            # before this region: in the gap before it (or before the first region)
+            if i == 0 or a >= regions[i - 1][1]:
+                a = ra
+            break
+        if a < rb:
+            break
+    for i in range(len(regions) - 1, -1, -1):
+        ra, rb = regions[i]
+        if b > rb:
+            if i == len(regions) - 1 or b <= regions[i + 1][0]:
+                b = rb
+            break
+        if b > ra:
+            break
+    return a, max(a, b)

@@ -1,0 +1,220 @@
+"""TurnMerger: per-channel turn updates in, live deltas and audio-ordered utterances out.
+
+Sans-I/O: feed it :class:`TurnUpdate`s and per-channel watermarks, get back output events.
+
+Rules (DESIGN.md invariants 4 and 5):
+
+1. A turn is keyed by (channel, epoch, turn_order). Its first final is accepted and immutable; a
+   later final or partial for the same key is dropped and counted. Partials upsert.
+2. Every accepted update is emitted at once as a :class:`TurnDelta` (the live view).
+3. The ordered stream sorts finals by (start, end, channel) and releases a final only when every
+   other channel's watermark has reached its start, so a turn that a slower channel has not
+   finalized yet can still come first. :meth:`close` raises all watermarks to infinity.
+4. With joining on, consecutive released finals of one channel whose gap is at most
+   ``max_join_gap_ms`` become one utterance. An utterance is emitted once it can no longer grow:
+   another channel's final was released after it, or its channel's watermark passed its end plus
+   the gap with no pending final of that channel inside the gap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway.transcript.model import ChannelInfo, TurnKey, TurnUpdate, Utterance, Word
+
+
+@dataclass(frozen=True, slots=True)
+class TurnDelta:
+    """An accepted partial (upsert) or final (first and only) of one turn, for live consumers."""
+
+    update: TurnUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class UtteranceReleased:
+    """The next utterance of the ordered transcript; ``index`` counts from 0 and never repeats."""
+
+    index: int
+    utterance: Utterance
+
+
+MergerOutput = TurnDelta | UtteranceReleased
+
+
+@dataclass(slots=True)
+class MergerStats:
+    duplicate_finals: int = 0
+    stale_partials: int = 0
+    late_finals: int = 0
+
+
+@dataclass(slots=True)
+class _OpenUtterance:
+    channel: int
+    turns: list[TurnUpdate] = field(default_factory=list)
+
+    @property
+    def end(self) -> int:
+        return max(t.end_ms for t in self.turns)
+
+
+class TurnMerger:
+    """Merges per-channel turns into one speaker-ordered transcript (see module docstring)."""
+
+    def __init__(
+        self,
+        channels: Sequence[ChannelInfo],
+        *,
+        join_same_speaker: bool = True,
+        max_join_gap_ms: int = 1000,
+    ) -> None:
+        self._channels = {c.index: c for c in channels}
+        self._join = join_same_speaker
+        self._max_gap = max_join_gap_ms
+        self._watermarks: dict[int, float] = {c.index: 0 for c in channels}
+        self._finals: set[TurnKey] = set()
+        self._partials: dict[TurnKey, TurnUpdate] = {}
+        self._pending: list[tuple[int, int, int, int, int, TurnUpdate]] = []
+        self._open: _OpenUtterance | None = None
+        self._released: list[Utterance] = []
+        self._last_released_start = -1
+        self._closed = False
+        self.stats = MergerStats()
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def update(self, u: TurnUpdate) -> list[MergerOutput]:
+        """Take one partial or final; returns the delta (if accepted) and any released utterances."""
+        key = u.key
+        if u.channel not in self._channels:
+            self._channels[u.channel] = ChannelInfo(u.channel, f"channel{u.channel}")
+            self._watermarks[u.channel] = math.inf if self._closed else 0
+        if key in self._finals:
+            if u.final:
+                self.stats.duplicate_finals += 1
+            else:
+                self.stats.stale_partials += 1
+            return []
+        if not u.final:
+            if self._partials.get(key) == u:
+                return []
+            self._partials[key] = u
+            return [TurnDelta(u)]
+        self._finals.add(key)
+        self._partials.pop(key, None)
+        out: list[MergerOutput] = [TurnDelta(u)]
+        if u.text.strip() or u.words:
+            heapq.heappush(
+                self._pending, (u.start_ms, u.end_ms, u.channel, u.epoch, u.turn_order, u)
+            )
+        out.extend(self._release())
+        return out
+
+    def watermark(self, channel: int, ms: float) -> list[MergerOutput]:
+        """Channel ``channel`` will emit no final starting before ``ms``; watermarks only rise."""
+        if channel not in self._watermarks:
+            self._channels[channel] = ChannelInfo(channel, f"channel{channel}")
+            self._watermarks[channel] = 0
+        if ms > self._watermarks[channel]:
+            self._watermarks[channel] = ms
+        return self._release()
+
+    def close(self) -> list[MergerOutput]:
+        """The call ended: every watermark goes to infinity and everything pending is released."""
+        self._closed = True
+        for ch in self._watermarks:
+            self._watermarks[ch] = math.inf
+        out = self._release()
+        if self._open is not None:
+            out.append(self._emit_open())
+        return out
+
+    def set_channels(self, channels: Sequence[ChannelInfo]) -> None:
+        """Role/participant changes apply to utterances released from now on."""
+        for c in channels:
+            self._channels[c.index] = c
+            self._watermarks.setdefault(c.index, math.inf if self._closed else 0)
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def utterances(self) -> tuple[Utterance, ...]:
+        """Utterances released so far, in order."""
+        return tuple(self._released)
+
+    @property
+    def open_partials(self) -> tuple[TurnUpdate, ...]:
+        return tuple(self._partials.values())
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _releasable(self, u: TurnUpdate) -> bool:
+        return all(wm >= u.start_ms for ch, wm in self._watermarks.items() if ch != u.channel)
+
+    def _release(self) -> list[MergerOutput]:
+        out: list[MergerOutput] = []
+        while self._pending and self._releasable(self._pending[0][-1]):
+            u = heapq.heappop(self._pending)[-1]
+            if u.start_ms < self._last_released_start:
+                self.stats.late_finals += 1
+            self._last_released_start = max(self._last_released_start, u.start_ms)
+            out.extend(self._append(u))
+        if self._open is not None and self._open_is_settled():
+            out.append(self._emit_open())
+        return out
+
+    def _append(self, u: TurnUpdate) -> list[MergerOutput]:
+        out: list[MergerOutput] = []
+        cur = self._open
+        if (
+            cur is not None
+            and self._join
+            and cur.channel == u.channel
+            and u.start_ms - cur.end <= self._max_gap
+        ):
+            cur.turns.append(u)
+            return out
+        if cur is not None:
+            out.append(self._emit_open())
+        self._open = _OpenUtterance(u.channel, [u])
+        if not self._join:
+            out.append(self._emit_open())
+        return out
+
+    def _open_is_settled(self) -> bool:
+        cur = self._open
+        assert cur is not None
+        horizon = cur.end + self._max_gap
+        if self._watermarks.get(cur.channel, 0) <= horizon:
+            return False
+        return not any(p[-1].channel == cur.channel and p[0] <= horizon for p in self._pending)
+
+    def _emit_open(self) -> UtteranceReleased:
+        cur = self._open
+        assert cur is not None
+        self._open = None
+        utt = self._build(cur.channel, cur.turns)
+        self._released.append(utt)
+        return UtteranceReleased(len(self._released) - 1, utt)
+
+    def _build(self, channel: int, turns: list[TurnUpdate]) -> Utterance:
+        info = self._channels[channel]
+        words: tuple[Word, ...] = tuple(w for t in turns for w in t.words)
+        if words:
+            confidence = sum(w.confidence for w in words) / len(words)
+        else:
+            confidence = sum(t.confidence for t in turns) / len(turns)
+        return Utterance(
+            channel=channel,
+            speaker=info.speaker,
+            role=info.role,
+            start=min(t.start_ms for t in turns),
+            end=max(t.end_ms for t in turns),
+            text=" ".join(t.text.strip() for t in turns if t.text.strip()),
+            confidence=confidence,
+            words=words,
+            turns=tuple(t.key for t in turns),
+        )
