@@ -97,11 +97,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
                 "machine": platform.machine(),
                 "python": platform.python_version(),
                 "beam_size": args.beam_size,
-                "workers": args.workers,
+                "workers": settings.worker_count,
                 "vad_threshold": args.vad_threshold,
-                "max_rss_mib": round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
-                ),
+                "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
         )
     )
@@ -112,9 +110,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("calls", nargs="*", default=DEFAULT)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--beam-size", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=1)
     defaults = LocalEngineSettings()
+    parser.add_argument("--beam-size", type=int, default=defaults.beam_size)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="0 = one per core")
     parser.add_argument("--vad-threshold", type=float, default=defaults.vad_threshold)
     parser.add_argument("--min-speech-ms", type=int, default=defaults.min_speech_ms)
     args = parser.parse_args()

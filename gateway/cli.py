@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,9 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated role per channel, in channel order (default from config: "
         "customer,agent)",
     )
-    t.add_argument(
-        "--speakers", help="comma-separated participant name per channel (optional)"
-    )
+    t.add_argument("--speakers", help="comma-separated participant name per channel (optional)")
     t.add_argument("--format", default="text", help="text, json, vtt or srt (default: text)")
     t.add_argument("--out", type=Path, metavar="FILE", help="write here instead of stdout")
     t.add_argument(
@@ -109,12 +106,15 @@ def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None and args.out.parent and not args.out.parent.is_dir():
         raise UsageError(f"--out: directory {str(args.out.parent)!r} does not exist")
     duration = fmt.frames / fmt.sample_rate if fmt.frames is not None else None
+    size = args.file.stat().st_size
     show = args.progress == "always" or (
         args.progress == "auto" and sys.stderr.isatty() and (duration or 0) > 30
     )
     try:
         text = asyncio.run(
-            _run_transcription(args.file, settings, roles, speakers, args.format, show)
+            _run_transcription(
+                args.file, settings, roles, speakers, args.format, size if show else 0
+            )
         )
     except FileSourceError as exc:
         raise UsageError(f"{args.file}: {exc}") from None
@@ -133,8 +133,9 @@ async def _run_transcription(
     roles: list[str],
     speakers: list[str] | None,
     fmt: str,
-    show_progress: bool,
+    progress_total: int,
 ) -> str:
+    """Run the file through a Call on the configured engine; ``progress_total`` > 0 shows a bar."""
     from gateway.calls.call import Call, CallOptions
     from gateway.ingress.file import play_file
     from gateway.stt.local import LocalEngine
@@ -143,11 +144,17 @@ async def _run_transcription(
     engine = LocalEngine(settings.stt.local)
     await engine.start()
     bar = None
-    if show_progress:
+    if progress_total:
         from tqdm import tqdm
 
-        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name,
-                   file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=progress_total,
+            unit="B",
+            unit_scale=True,
+            desc=path.name,
+            file=sys.stderr,
+            leave=False,
+        )
     call = Call(
         engine,
         CallOptions(
@@ -162,15 +169,15 @@ async def _run_transcription(
         ),
         call_id=path.stem,
     )
-    started = time.monotonic()
 
     def progress(done: int, total: int) -> None:
         if bar is not None:
             bar.update(done - bar.n)
 
     try:
-        await play_file(call, path, roles=roles, max_channels=settings.calls.max_channels,
-                        progress=progress)
+        await play_file(
+            call, path, roles=roles, max_channels=settings.calls.max_channels, progress=progress
+        )
     except BaseException:
         await call.abort("transcription failed")
         raise
@@ -178,5 +185,4 @@ async def _run_transcription(
         if bar is not None:
             bar.close()
         await engine.close()
-    del started
     return render(call.transcript(), fmt)

@@ -40,10 +40,11 @@ class LocalEngineSettings(_Section):
 
     model_path: str = ""
     compute_type: Literal["int8", "int8_float32", "float32", "int16"] = "int8"
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(0, ge=0, le=64)
     cpu_threads: int = Field(0, ge=0, le=256)
-    beam_size: int = Field(1, ge=1, le=10)
+    beam_size: int = Field(5, ge=1, le=10)
     vad_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    webrtc_vad_mode: int = Field(2, ge=-1, le=3)
     min_speech_ms: int = Field(120, ge=0, le=5000)
     speech_pad_ms: int = Field(200, ge=0, le=2000)
     min_turn_silence_ms: int = Field(400, ge=50, le=10000)
@@ -51,6 +52,11 @@ class LocalEngineSettings(_Section):
     max_turn_ms: int = Field(20000, ge=2000, le=60000)
     partial_interval_ms: int = Field(1000, ge=0, le=60000)
     input_queue_chunks: int = Field(256, ge=1, le=100000)
+
+    @property
+    def worker_count(self) -> int:
+        """``workers``, or with 0 one per core (at most 4): small models scale better that way."""
+        return self.workers or max(1, min(4, os.cpu_count() or 1))
 
     @model_validator(mode="after")
     def _silences(self) -> LocalEngineSettings:

@@ -26,8 +26,12 @@ def windows(ms: int) -> int:
 
 def seg(**kw: int) -> TurnSegmenter:
     opts: dict[str, int] = dict(
-        min_speech_ms=100, pad_ms=200, min_turn_silence_ms=400, max_turn_silence_ms=1280,
-        max_turn_ms=20000, partial_interval_ms=1000,
+        min_speech_ms=100,
+        pad_ms=200,
+        min_turn_silence_ms=400,
+        max_turn_silence_ms=1280,
+        max_turn_ms=20000,
+        partial_interval_ms=1000,
     )
     opts.update(kw)
     return TurnSegmenter(**opts)  # type: ignore[arg-type]

@@ -14,7 +14,13 @@ CHANNELS = (ChannelInfo(0, "customer", "Diane"), ChannelInfo(1, "agent"))
 
 
 def turn(
-    channel: int, order: int, start: int, end: int, text: str = "", *, final: bool = True,
+    channel: int,
+    order: int,
+    start: int,
+    end: int,
+    text: str = "",
+    *,
+    final: bool = True,
     epoch: int = 0,
 ) -> TurnUpdate:
     text = text or f"c{channel} t{order}"
@@ -90,7 +96,11 @@ def test_close_flushes_everything_in_order() -> None:
     m.update(turn(0, 0, 400, 1200))
     m.update(turn(0, 1, 1300, 1400))
     out = released(m.close())
-    assert [(r.utterance.channel, r.utterance.start) for r in out] == [(0, 400), (1, 500), (0, 1300)]
+    assert [(r.utterance.channel, r.utterance.start) for r in out] == [
+        (0, 400),
+        (1, 500),
+        (0, 1300),
+    ]
 
 
 def test_ties_sort_by_end_then_channel() -> None:

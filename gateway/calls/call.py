@@ -34,10 +34,10 @@ from gateway.ingress.events import (
     MetadataChanged,
     Resume,
 )
+from gateway.observability.logging import get_logger
 from gateway.stt.session import SessionParams, SttEngine, SttError, Watermark
 from gateway.transcript.merger import MergerOutput, TurnMerger
 from gateway.transcript.model import ChannelInfo, Transcript, TurnUpdate
-from gateway.observability.logging import get_logger
 
 log = get_logger("gateway.call")
 
@@ -134,7 +134,9 @@ class Call:
 
     def _set_state(self, state: CallState, reason: str = "") -> None:
         if state not in _TRANSITIONS[self.state]:
-            raise CallError(f"call {self.call_id}: cannot go from {self.state.value} to {state.value}")
+            raise CallError(
+                f"call {self.call_id}: cannot go from {self.state.value} to {state.value}"
+            )
         self.state = state
         self._emit(CallStateChanged(state, reason))
 
@@ -265,9 +267,11 @@ class Call:
             if channel is None:
                 continue
             channel.spec = ChannelSpec(
-                spec.index, spec.role or channel.spec.role,
+                spec.index,
+                spec.role or channel.spec.role,
                 spec.participant or channel.spec.participant,
-                channel.spec.codec, channel.spec.sample_rate,
+                channel.spec.codec,
+                channel.spec.sample_rate,
             )
             infos.append(channel_info(channel.spec))
         assert self.merger is not None
@@ -288,8 +292,9 @@ class Call:
                 elif isinstance(event, Watermark):
                     outputs = merger.watermark(index, event.ms)
                 elif isinstance(event, SttError):
-                    self._log.warning("stt.error", channel=index, reason=event.reason,
-                                      fatal=event.fatal)
+                    self._log.warning(
+                        "stt.error", channel=index, reason=event.reason, fatal=event.fatal
+                    )
                     if not event.fatal:
                         continue
                     channel.failed = event.reason

@@ -2,8 +2,8 @@
 
 :class:`WavDecoder` is the sans-I/O part: fed the file's bytes in any chunking, it returns
 normalized ingress events (one channel per WAV channel, timestamps = frame index). :func:`play_file`
-is the thin shell that reads the file off the event loop and feeds a :class:`~gateway.calls.call.Call`
-as fast as its STT sessions accept audio.
+is the thin shell that reads the file off the event loop and feeds a
+:class:`~gateway.calls.call.Call` as fast as its STT sessions accept audio.
 """
 
 from __future__ import annotations

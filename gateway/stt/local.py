@@ -36,11 +36,12 @@ from gateway.stt.endpointing import (
 )
 from gateway.stt.recognizer import Recognition, WhisperRecognizer
 from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
-from gateway.stt.vad import SileroModel, SileroStream
+from gateway.stt.vad import SileroModel, VoiceActivityStream
 from gateway.transcript.model import TurnUpdate, Word
 
 RATE = 16000
 _MS = RATE // 1000
+_ONSET_SHIFT = 3 * RATE // 2  # at most 1.5 s: see _place_words
 
 
 class LocalEngine:
@@ -65,7 +66,7 @@ class LocalEngine:
         if self._recognizer is not None:
             return
         s = self.settings
-        workers = s.workers
+        workers = s.worker_count
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="stt-local")
         self._vad_pool = ThreadPoolExecutor(1, thread_name_prefix="stt-vad")
         model_path = Path(s.model_path) if s.model_path else None
@@ -105,16 +106,16 @@ class LocalEngine:
     @property
     def busy(self) -> bool:
         """Every recognition worker has a job: partials are skipped."""
-        return self._inflight >= self.settings.workers
+        return self._inflight >= self.settings.worker_count
 
-    async def recognize(self, audio: npt.NDArray[np.float32], *, words: bool = True) -> Recognition:
+    async def recognize(self, audio: npt.NDArray[np.float32], *, final: bool = True) -> Recognition:
+        """Recognize one turn's audio in the pool; partials decode greedily."""
         assert self._recognizer is not None and self._pool is not None
         self._inflight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._pool, partial(self._recognizer.recognize, audio, words=words)
-            )
+            job = partial(self._recognizer.recognize, audio, words=True, greedy=not final)
+            return await loop.run_in_executor(self._pool, job)
         finally:
             self._inflight -= 1
 
@@ -125,9 +126,10 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._vad_pool, fn)
 
-    def vad_stream(self) -> SileroStream:
+    def vad_stream(self) -> VoiceActivityStream:
         assert self._vad is not None
-        return SileroStream(self._vad)
+        mode = self.settings.webrtc_vad_mode
+        return VoiceActivityStream(self._vad, webrtc_mode=None if mode < 0 else mode)
 
 
 class _Buffer:
@@ -188,7 +190,7 @@ class LocalSession:
         self._buffer = _Buffer()
         self._turn_order = 0
         self._partials_sent = False
-        self._held: tuple[EndCandidate, Recognition] | None = None
+        self._held: tuple[EndCandidate, npt.NDArray[np.float32], Recognition] | None = None
         self._partial_task: asyncio.Task[None] | None = None
         self._last_watermark = -1
         self._finishing = False
@@ -290,32 +292,31 @@ class LocalSession:
         elif isinstance(event, PartialDue):
             self._start_partial(event)
         elif isinstance(event, EndCandidate):
-            result = await self._recognize(event.start, event.end, event.regions)
+            audio, result = await self._recognize(event.start, event.end)
             if not result.text or result.complete:
                 closed = self._segmenter.end_turn()
-                self._emit_final(closed.start, closed.end, result, closed.regions)
+                self._emit_final(closed.start, closed.end, result, closed.regions, audio)
             else:
                 self._segmenter.keep_turn()
-                self._held = (event, result)
+                self._held = (event, audio, result)
         elif isinstance(event, TurnResumed):
             self._held = None
         elif isinstance(event, TurnClosed):
             held = self._held
             self._held = None
             if held is not None and (held[0].start, held[0].end) == (event.start, event.end):
-                result = held[1]
+                _, audio, result = held
             else:
-                result = await self._recognize(event.start, event.end, event.regions)
-            self._emit_final(event.start, event.end, result, event.regions)
-        else:  # TurnDropped: a blip with no words; close any partial shown for it
-            if self._partials_sent:
-                self._emit_final(event.start, event.end, Recognition("", (), 0.0), ())
+                audio, result = await self._recognize(event.start, event.end)
+            self._emit_final(event.start, event.end, result, event.regions, audio)
+        elif self._partials_sent:  # TurnDropped: a blip; close the partial shown for it
+            empty = np.zeros(0, np.float32)
+            self._emit_final(event.start, event.end, Recognition("", (), 0.0), (), empty)
 
-    async def _recognize(
-        self, start: int, end: int, regions: tuple[tuple[int, int], ...]
-    ) -> Recognition:
+    async def _recognize(self, start: int, end: int) -> tuple[npt.NDArray[np.float32], Recognition]:
         await self._cancel_partial()
-        return await self._engine.recognize(self._buffer.slice(start, end), words=True)
+        audio = self._buffer.slice(start, end)
+        return audio, await self._engine.recognize(audio, final=True)
 
     def _start_partial(self, due: PartialDue) -> None:
         if self._partial_task is not None or self._engine.busy:
@@ -326,10 +327,11 @@ class LocalSession:
 
     async def _partial(self, audio: npt.NDArray[np.float32], start: int, order: int) -> None:
         try:
-            result = await self._engine.recognize(audio, words=True)
+            result = await self._engine.recognize(audio, final=False)
             if order == self._turn_order and result.text:
                 self._partials_sent = True
-                self._output.put_nowait(self._update(start, result, (), final=False))
+                update = self._update(start, result, (), audio, final=False)
+                self._output.put_nowait(update)
         finally:
             self._partial_task = None
 
@@ -342,11 +344,16 @@ class LocalSession:
             self._partial_task = None
 
     def _emit_final(
-        self, start: int, end: int, result: Recognition, regions: tuple[tuple[int, int], ...]
+        self,
+        start: int,
+        end: int,
+        result: Recognition,
+        regions: tuple[tuple[int, int], ...],
+        audio: npt.NDArray[np.float32],
     ) -> None:
         if not result.text and not self._partials_sent:
             return
-        update = self._update(start, result, regions, final=True, audio_end=end)
+        update = self._update(start, result, regions, audio, final=True, audio_end=end)
         self._output.put_nowait(update)
         self._turn_order += 1
         self._partials_sent = False
@@ -356,20 +363,26 @@ class LocalSession:
         start: int,
         result: Recognition,
         regions: tuple[tuple[int, int], ...],
+        audio: npt.NDArray[np.float32],
         *,
         final: bool,
         audio_end: int | None = None,
     ) -> TurnUpdate:
+        """Map a recognition of audio starting at ``start`` onto the call clock."""
         off = self.params.offset_ms
-        words: list[Word] = []
+        spans: list[tuple[int, int]] = []
         for w in result.words:
             a = start + int(round(w.start * RATE))
             b = start + int(round(w.end * RATE))
-            a, b = _snap(a, b, regions)
-            if words and a < words[-1].start:
-                a = words[-1].start
-            b = max(b, a)
-            words.append(Word(w.text, off + a // _MS, off + b // _MS, round(w.probability, 4)))
+            if spans and a < spans[-1][0]:
+                a = spans[-1][0]
+            spans.append((a, max(a, b)))
+        if spans and regions:
+            spans = _place_words(spans, regions, _ONSET_SHIFT)
+        words = [
+            Word(w.text, off + a // _MS, off + b // _MS, round(w.probability, 4))
+            for w, (a, b) in zip(result.words, spans, strict=True)
+        ]
         if words:
             start_ms, end_ms = words[0].start, max(w.end for w in words)
         elif regions:
@@ -403,27 +416,37 @@ class LocalSession:
             self._output.put_nowait(Watermark(self.params.channel, ms))
 
 
-def _snap(a: int, b: int, regions: tuple[tuple[int, int], ...]) -> tuple[int, int]:
-    """Move word bounds that Whisper placed in VAD silence to the nearest speech edge.
-
-    Whisper's word times drift by a few hundred ms around pauses; the VAD knows where speech is.
-    """
-    if not regions:
-        return a, b
+def _region_of(t: int, regions: tuple[tuple[int, int], ...]) -> int | None:
     for i, (ra, rb) in enumerate(regions):
-        if a < ra:
-            # before this region: in the gap before it (or before the first region)
-            if i == 0 or a >= regions[i - 1][1]:
-                a = ra
-            break
-        if a < rb:
-            break
-    for i in range(len(regions) - 1, -1, -1):
-        ra, rb = regions[i]
-        if b > rb:
-            if i == len(regions) - 1 or b <= regions[i + 1][0]:
-                b = rb
-            break
-        if b > ra:
-            break
-    return a, max(a, b)
+        if ra <= t < rb:
+            return i
+        if t < ra:
+            return i  # in the pause before region i: that is the sound this word belongs to
+    return None
+
+
+def _place_words(
+    spans: list[tuple[int, int]], regions: tuple[tuple[int, int], ...], max_shift: int
+) -> list[tuple[int, int]]:
+    """Start each word that follows a pause at the onset of the speech it belongs to.
+
+    Whisper places the first word after a pause late (by up to a second on telephone audio), and
+    it drops fillers ("uh", "um") that open a turn; the VAD says where the speaker audibly
+    started. Speech regions between the previous word and this one that no word covers are
+    attributed to this word, back to at most ``max_shift`` samples before it.
+    """
+    out: list[tuple[int, int]] = []
+    for a, b in spans:
+        floor = out[-1][1] if out else 0
+        region = _region_of(a, regions)
+        if region is None:
+            out.append((a, b))
+            continue
+        k = region
+        while k > 0 and regions[k - 1][0] >= floor and a - regions[k - 1][0] <= max_shift:
+            k -= 1
+        onset = regions[k][0]
+        if onset >= floor and (onset > a or a - onset <= max_shift):
+            a = onset if onset < b else a
+        out.append((a, max(a, b)))
+    return out

@@ -17,7 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 SAMPLE_RATE = 16000
-_TERMINAL = (".", "?", "!", "…")
+_TERMINAL = (".", "?", "!")
+_TRAILING_OFF = ("...", "…")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,10 @@ class Recognition:
 
     @property
     def complete(self) -> bool:
-        """The words end a sentence (terminal punctuation), so the turn may end here."""
-        return self.text.rstrip().endswith(_TERMINAL)
+        """The words end a sentence (terminal punctuation, not a trailing "..."), so the turn
+        may end here."""
+        text = self.text.rstrip()
+        return text.endswith(_TERMINAL) and not text.endswith(_TRAILING_OFF)
 
 
 class ModelNotFound(RuntimeError):
@@ -86,18 +89,25 @@ class WhisperRecognizer:
         if not self._model.model.is_multilingual:
             self._language = "en"
 
-    def recognize(self, audio: npt.NDArray[np.float32], *, words: bool = True) -> Recognition:
-        """Transcribe ``audio`` (mono float32 at 16 kHz) as one utterance."""
+    def recognize(
+        self, audio: npt.NDArray[np.float32], *, words: bool = True, greedy: bool = False
+    ) -> Recognition:
+        """Transcribe ``audio`` (mono float32 at 16 kHz) as one utterance.
+
+        ``greedy`` decodes with beam 1 whatever the configured beam size (for partials).
+        """
         if audio.size < SAMPLE_RATE // 10:
             return Recognition("", (), 0.0)
         segments, _info = self._model.transcribe(
             audio,
             language=self._language,
-            beam_size=self._beam_size,
+            beam_size=1 if greedy else self._beam_size,
             word_timestamps=words,
             vad_filter=False,
             condition_on_previous_text=False,
             temperature=0.0,
+            # Bounds the cost of a hallucination loop on noise: ~4 words/s is fast speech.
+            max_new_tokens=min(440, 16 + int(audio.size / SAMPLE_RATE * 12)),
         )
         texts: list[str] = []
         out_words: list[RecognizedWord] = []
@@ -119,6 +129,8 @@ class WhisperRecognizer:
                     out_words.append(
                         RecognizedWord(token, float(w.start), float(w.end), float(w.probability))
                     )
+        if _repetitive(" ".join(texts)):
+            return Recognition("", (), 0.0)
         if out_words:
             confidence = float(np.mean([w.probability for w in out_words]))
         elif logprobs:
@@ -126,3 +138,10 @@ class WhisperRecognizer:
         else:
             confidence = 0.0
         return Recognition(" ".join(texts), tuple(out_words), confidence)
+
+
+def _repetitive(text: str) -> bool:
+    """Whisper's loop on noise: one short phrase said three or more times ("Thank you. x3")."""
+    parts = [p.strip(" ,.!?").lower() for p in text.replace("!", ".").replace("?", ".").split(".")]
+    parts = [p for p in parts if p]
+    return len(parts) >= 3 and len(set(parts)) == 1

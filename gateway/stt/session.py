@@ -60,8 +60,9 @@ class SttSession(Protocol):
         call clock. It may wait (backpressure) but never blocks the event loop.
       * :meth:`finish` flushes: every turn still open is finalized, then the event stream ends.
         It is idempotent and must be awaited on every exit path.
-      * :meth:`events` yields partial and final :class:`TurnUpdate`s (at most one final per turn key),
-        :class:`Watermark`s and :class:`SttError`s, and ends after :meth:`finish` or a fatal error.
+      * :meth:`events` yields partial and final :class:`TurnUpdate`s (at most one final per
+        turn key), :class:`Watermark`s and :class:`SttError`s, and ends after :meth:`finish` or a
+        fatal error.
       * :meth:`aclose` abandons the session at once (cancellation path), releasing its resources.
     """
 

@@ -87,7 +87,7 @@ class TurnMerger:
     # -- inputs ---------------------------------------------------------------------------------
 
     def update(self, u: TurnUpdate) -> list[MergerOutput]:
-        """Take one partial or final; returns the delta (if accepted) and any released utterances."""
+        """Take a partial or final; returns its delta (if accepted) and any released utterances."""
         key = u.key
         if u.channel not in self._channels:
             self._channels[u.channel] = ChannelInfo(u.channel, f"channel{u.channel}")
