@@ -166,6 +166,7 @@ async def _run_transcription(
             partials=False,  # nobody watches partials of an offline file
             max_channels=settings.calls.max_channels,
             max_timestamp_jump_s=settings.calls.max_timestamp_jump_s,
+            log_transcripts=settings.logging.log_transcripts,
         ),
         call_id=path.stem,
     )

