@@ -314,8 +314,13 @@ class Call:
 
     def _log_final(self, u: TurnUpdate) -> None:
         # Transcript text is personal data: at info level only when explicitly enabled.
-        fields = {"channel": u.channel, "turn": u.turn_order, "start_ms": u.start_ms,
-                  "end_ms": u.end_ms, "words": len(u.words)}
+        fields = {
+            "channel": u.channel,
+            "turn": u.turn_order,
+            "start_ms": u.start_ms,
+            "end_ms": u.end_ms,
+            "words": len(u.words),
+        }
         if self.options.log_transcripts:
             self._log.info("turn.final", text=u.text, **fields)
         else:
