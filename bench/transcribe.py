@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.calls.call import Call, CallOptions  # noqa: E402
 from gateway.config import LocalEngineSettings  # noqa: E402
 from gateway.ingress.file import play_file, probe_wav  # noqa: E402
+from gateway.observability.logging import configure_logging  # noqa: E402
 from gateway.stt.local import LocalEngine  # noqa: E402
 from gateway.transcript.scoring import load_reference, score  # noqa: E402
 
@@ -116,6 +117,7 @@ def main() -> int:
     parser.add_argument("--vad-threshold", type=float, default=defaults.vad_threshold)
     parser.add_argument("--min-speech-ms", type=int, default=defaults.min_speech_ms)
     args = parser.parse_args()
+    configure_logging("warning")
     asyncio.run(run(args))
     return 0
 
