@@ -11,11 +11,17 @@ fails if one of them starts passing too, so the list never hides an improvement 
 from __future__ import annotations
 
 import asyncio
+import wave
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gateway.calls.call import Call, CallOptions
 from gateway.ingress.file import play_file
+from gateway.media.codec import Codec, encode, float32_to_pcm16
+from gateway.media.resample import Resampler
+from gateway.media.wav import wav_header
 from gateway.stt.local import LocalEngine
 from gateway.transcript.model import Transcript
 from gateway.transcript.scoring import load_reference, score
@@ -84,3 +90,42 @@ async def test_corpus_call_meets_order_wer_and_timing_bars(
     assert abs(transcript.duration_ms - reference[-1].end_ms) < 5000
     starts = [u.start for u in transcript.utterances]
     assert starts == sorted(starts)
+
+
+def _variant(tmp: Path, codec: Codec, rate: int) -> Path:
+    """composed_library re-encoded as ``codec`` at ``rate`` Hz, as a recorder would store it."""
+    with wave.open(str(call_path("composed_library"))) as w:
+        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
+    if rate != 8000:
+        chans = [Resampler(8000, rate) for _ in range(2)]
+        cols = []
+        for ch, r in enumerate(chans):
+            x = frames[:, ch].astype(np.float32) / 32768
+            cols.append(np.concatenate([r.process(x), r.flush()]))
+        n = min(len(c) for c in cols)
+        frames = np.stack([np.frombuffer(float32_to_pcm16(c[:n]), np.int16) for c in cols], 1)
+    pcm = frames.astype("<i2").tobytes()
+    payload = encode(codec, pcm) if codec is not Codec.L16 else pcm
+    path = tmp / f"composed_{codec.value}_{rate}.wav"
+    path.write_bytes(wav_header(codec, 2, rate, len(payload)) + payload)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("codec", "rate"), [(Codec.PCMU, 8000), (Codec.PCMA, 8000), (Codec.L16, 16000)]
+)
+async def test_g711_and_wideband_files_go_through_the_same_pipeline(
+    local_engine: LocalEngine, tmp_path: Path, codec: Codec, rate: int
+) -> None:
+    path = await asyncio.to_thread(_variant, tmp_path, codec, rate)
+    call = Call(local_engine, CallOptions(partials=False))
+    await play_file(call, path)
+    assert call.channels[0].spec.codec is codec and call.channels[0].spec.sample_rate == rate
+    reference = await asyncio.to_thread(load_reference, CALLS / "composed_library.truth.json")
+    assert reference
+    report = score(reference, call.transcript())
+    summary = report.format(timing_tolerance_ms=START_TOLERANCE_MS)
+    assert not report.missing and not report.order_problems, summary
+    assert report.wer <= WER_BARS["composed_library"], summary
+    assert report.timing_problems(START_TOLERANCE_MS) == [], summary
