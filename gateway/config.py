@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -67,9 +67,46 @@ class LocalEngineSettings(_Section):
         return self
 
 
+class AssemblyAISettings(_Section):
+    """AssemblyAI Universal Streaming v3 (or any v3-compatible server, e.g. `gateway stt-server`)."""
+
+    url: str = ""  # empty: the region's official endpoint
+    region: Literal["us", "eu"] = "us"
+    api_key: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    speech_model: str = "universal-streaming-english"
+    format_turns: bool = True
+    end_of_turn_confidence_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    min_turn_silence: int | None = Field(None, ge=0, le=10000)
+    max_turn_silence: int | None = Field(None, ge=0, le=30000)
+    keyterms_prompt: tuple[str, ...] = ()
+    speaker_labels: bool | None = None
+    max_speakers: int | None = Field(None, ge=1, le=10)
+    inactivity_timeout: int | None = Field(None, ge=5, le=3600)
+    chunk_ms: int = Field(100, ge=50, le=1000)
+    connect_timeout_s: float = Field(10.0, gt=0, le=120)
+    begin_timeout_s: float = Field(10.0, gt=0, le=120)
+    terminate_timeout_s: float = Field(5.0, gt=0, le=120)
+    ping_interval_s: float = Field(5.0, gt=0, le=300)
+    ping_timeout_s: float = Field(10.0, gt=0, le=300)
+    max_retries: int = Field(8, ge=0, le=1000)
+    backoff_initial_s: float = Field(0.5, gt=0, le=60)
+    backoff_max_s: float = Field(30.0, gt=0, le=600)
+    rollover_margin_s: float = Field(120.0, ge=0, le=3600)
+    watermark_lag_ms: int = Field(3000, ge=0, le=60000)
+
+    @property
+    def endpoint(self) -> str:
+        if self.url:
+            return self.url
+        host = "streaming.eu.assemblyai.com" if self.region == "eu" else "streaming.assemblyai.com"
+        return f"wss://{host}/v3/ws"
+
+
 class SttSettings(_Section):
-    engine: Literal["local"] = "local"
+    engine: Literal["local", "assemblyai"] = "local"
     local: LocalEngineSettings = LocalEngineSettings()
+    assemblyai: AssemblyAISettings = AssemblyAISettings()
 
 
 class TranscriptSettings(_Section):

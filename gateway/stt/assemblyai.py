@@ -1,0 +1,488 @@
+"""AssemblyAI Universal Streaming v3 client: one lossless :class:`SttSession` per channel.
+
+Contract (DESIGN.md invariants 2 and 3):
+
+* Audio is kept from the end of the channel's last final turn. When a connection fails in a
+  retryable way (1006, 1011, 3005, a stall caught by pings, malformed frames, a session that never
+  sent ``Begin``, 3009/concurrency after a backoff) the client opens a new session (a new *epoch*)
+  and replays the kept audio; the new session's offset is the call time of the first replayed
+  sample, so its word times land on the call clock. Finals that end at or before the last final
+  already emitted are suppressed, so every word is delivered exactly once.
+* 1008 (auth/account) fails the channel at once with a clear :class:`SttError`; 3006/3007/1009 are
+  bugs on our side: the channel fails loudly, no retry loop.
+* Sessions roll over before ``Begin.expires_at`` at a turn boundary (3008 is handled like a
+  reconnect if it still happens).
+* Audio is re-chunked to ``chunk_ms`` (50-1000 ms), the last chunk padded to at least 50 ms, and
+  never sent faster than real time within a session. µ-law goes as-is (``pcm_mulaw``).
+* :meth:`finish` sends ``Terminate`` and drains until ``Termination`` (bounded) on every path.
+
+The wire format lives in :mod:`gateway.stt.v3_protocol`; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway.config import AssemblyAISettings
+from gateway.media.codec import Codec, silence
+from gateway.observability.logging import get_logger
+from gateway.stt.chunker import AudioChunker, Pacer
+from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
+from gateway.stt.v3_protocol import (
+    Begin,
+    CloseAction,
+    ErrorMessage,
+    FinalTurn,
+    PartialTurn,
+    ProtocolError,
+    StreamingParams,
+    Terminate,
+    Termination,
+    Turn,
+    TurnTracker,
+    classify_close,
+    encode_client_message,
+    parse_server_message,
+)
+from gateway.transcript.model import TurnUpdate, Word
+
+log = get_logger("gateway.stt.assemblyai")
+
+
+class _Outcome(Enum):
+    DONE = "done"  # Terminate answered: the session is complete
+    RETRY = "retry"  # reconnect (with backoff) and replay
+    ROLLOVER = "rollover"  # planned new session: replay at once
+    FAILED = "failed"  # give up on this channel
+
+
+@dataclass(slots=True)
+class _ConnectionResult:
+    outcome: _Outcome
+    reason: str
+    began: bool = False  # the session reached Begin (a working connection: retries reset)
+    backoff_floor: float = 0.0
+
+
+class AssemblyAIEngine:
+    """Sessions to AssemblyAI (or any v3-compatible server) with the configured parameters."""
+
+    name = "assemblyai"
+
+    def __init__(self, settings: AssemblyAISettings) -> None:
+        self.settings = settings
+        self.sessions: set[AssemblyAISession] = set()
+        self.reconnects = 0
+        self.failures = 0
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for session in list(self.sessions):
+            await session.aclose()
+
+    def open_session(self, params: SessionParams) -> AssemblyAISession:
+        session = AssemblyAISession(self, params)
+        self.sessions.add(session)
+        return session
+
+
+class AssemblyAISession:
+    """One channel's v3 streaming session, reconnecting and replaying as needed."""
+
+    def __init__(self, engine: AssemblyAIEngine, params: SessionParams) -> None:
+        self.params = params
+        self.settings = s = engine.settings
+        self._engine = engine
+        self._width = params.codec.sample_width
+        self._silence = silence(params.codec, 1)
+        encoding = "pcm_mulaw" if params.codec is Codec.PCMU else "pcm_s16le"
+        overrides = {k: v for k, v in params.options.items() if k in _QUERY_KEYS}
+        self._query = replace(
+            StreamingParams(
+                speech_model=s.speech_model,
+                sample_rate=params.sample_rate,
+                encoding=encoding,
+                format_turns=s.format_turns,
+                end_of_turn_confidence_threshold=s.end_of_turn_confidence_threshold,
+                min_turn_silence=s.min_turn_silence,
+                max_turn_silence=s.max_turn_silence,
+                keyterms_prompt=tuple(s.keyterms_prompt) or None,
+                speaker_labels=s.speaker_labels,
+                max_speakers=s.max_speakers,
+                inactivity_timeout=s.inactivity_timeout,
+            ),
+            **overrides,  # type: ignore[arg-type]
+        )
+        # Audio kept for replay: samples [kept_start, received) of this channel.
+        self._kept = bytearray()
+        self._kept_start = 0
+        self._received = 0
+        self._more = asyncio.Event()
+        self._finishing = False
+        self._last_final_end_ms = -1
+        self._epoch = 0
+        self._watermark = -1
+        self._open_partial: TurnUpdate | None = None
+        self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"stt-aai-ch{params.channel}")
+        self._log = log.bind(channel=params.channel)
+
+    # -- SttSession -----------------------------------------------------------------------------
+
+    async def send(self, audio: bytes) -> None:
+        if self._finishing:
+            raise RuntimeError("send() after finish()")
+        if self._task.done():
+            return  # the channel failed; its SttError is already in the event stream
+        self._kept.extend(audio)
+        self._received += len(audio) // self._width
+        self._more.set()
+
+    async def finish(self) -> None:
+        self._finishing = True
+        self._more.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._task)
+
+    async def events(self) -> AsyncIterator[SttEvent]:
+        while (event := await self._output.get()) is not None:
+            yield event
+
+    async def aclose(self) -> None:
+        self._finishing = True
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    # -- connection management ------------------------------------------------------------------
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self.params.sample_rate
+
+    async def _run(self) -> None:
+        s = self.settings
+        attempt = 0
+        try:
+            while True:
+                result = await self._connect_once()
+                if result.outcome is _Outcome.DONE:
+                    return
+                if result.outcome is _Outcome.FAILED:
+                    self._close_open_partial()
+                    self._engine.failures += 1
+                    self._log.error("stt.failed", reason=result.reason, epoch=self._epoch)
+                    self._output.put_nowait(SttError(self.params.channel, result.reason, True))
+                    return
+                self._close_open_partial()
+                self._engine.reconnects += 1
+                self._epoch += 1
+                if result.outcome is _Outcome.ROLLOVER:
+                    attempt = 0
+                    continue
+                attempt = 1 if result.began else attempt + 1
+                if attempt > s.max_retries:
+                    reason = f"gave up after {s.max_retries} retries: {result.reason}"
+                    self._output.put_nowait(SttError(self.params.channel, reason, True))
+                    self._engine.failures += 1
+                    return
+                delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (attempt - 1))
+                delay = max(delay * random.uniform(0.5, 1.0), result.backoff_floor)
+                self._log.warning(
+                    "stt.reconnect", reason=result.reason, attempt=attempt, delay_s=round(delay, 2)
+                )
+                self._output.put_nowait(SttError(self.params.channel, result.reason, False))
+                await asyncio.sleep(delay)
+        finally:
+            self._engine.sessions.discard(self)
+            self._output.put_nowait(Watermark(self.params.channel, 2**62))
+            self._output.put_nowait(None)
+
+    async def _connect_once(self) -> _ConnectionResult:
+        s = self.settings
+        headers = {}
+        key = s.token.get_secret_value() or s.api_key.get_secret_value()
+        if key:
+            headers["Authorization"] = key
+        url = f"{s.endpoint}?{self._query.to_query()}"
+        try:
+            ws = await asyncio.wait_for(
+                websockets.connect(
+                    url,
+                    additional_headers=headers,
+                    ping_interval=s.ping_interval_s,
+                    ping_timeout=s.ping_timeout_s,
+                    max_size=None,
+                    open_timeout=s.connect_timeout_s,
+                ),
+                s.connect_timeout_s + 1,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                return _ConnectionResult(_Outcome.FAILED, f"handshake rejected (HTTP {status})")
+            return _ConnectionResult(_Outcome.RETRY, f"handshake rejected (HTTP {status})")
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            return _ConnectionResult(_Outcome.RETRY, f"connect failed: {exc!r}")
+        try:
+            return await self._converse(ws)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 2)
+
+    async def _converse(self, ws: ClientConnection) -> _ConnectionResult:
+        s = self.settings
+        try:
+            first = await asyncio.wait_for(ws.recv(), s.begin_timeout_s)
+        except TimeoutError:
+            return _ConnectionResult(_Outcome.RETRY, "no Begin within the timeout")
+        except ConnectionClosed as exc:
+            return self._closed(exc, began=False)
+        try:
+            begin = parse_server_message(first if isinstance(first, str) else first.decode())
+        except ProtocolError as exc:
+            return _ConnectionResult(_Outcome.RETRY, f"malformed message before Begin: {exc}")
+        if not isinstance(begin, Begin):
+            if isinstance(begin, ErrorMessage):
+                return self._error_result(begin.error_code, begin.error, began=False)
+            return _ConnectionResult(_Outcome.RETRY, f"expected Begin, got {type(begin).__name__}")
+        self._log.info("stt.begin", session_id=begin.id, epoch=self._epoch)
+        conn = _Conn(self, ws, begin)
+        sender = asyncio.create_task(conn.send_loop())
+        try:
+            result = await conn.receive_loop()
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+        return result
+
+    def _closed(self, exc: ConnectionClosed, *, began: bool) -> _ConnectionResult:
+        code = exc.rcvd.code if exc.rcvd is not None else None
+        reason = exc.rcvd.reason if exc.rcvd is not None else "connection lost"
+        return self._error_result(code, reason, began=began)
+
+    def _error_result(self, code: int | None, reason: str, *, began: bool) -> _ConnectionResult:
+        action = classify_close(code, reason)
+        text = f"{code}: {reason}" if code is not None else reason
+        if action is CloseAction.CLEAN:
+            return _ConnectionResult(_Outcome.RETRY, f"closed before Termination ({text})", began)
+        if action is CloseAction.FAIL:
+            return _ConnectionResult(_Outcome.FAILED, f"AssemblyAI refused the session ({text})")
+        if action is CloseAction.BUG:
+            return _ConnectionResult(_Outcome.FAILED, f"protocol violation on our side ({text})")
+        if action is CloseAction.ROLLOVER:
+            return _ConnectionResult(_Outcome.ROLLOVER, f"session expired ({text})", began)
+        if action is CloseAction.BACKOFF:
+            floor = self.settings.backoff_initial_s * 4
+            return _ConnectionResult(_Outcome.RETRY, f"rate limited ({text})", False, floor)
+        return _ConnectionResult(_Outcome.RETRY, text, began)
+
+    # -- turns ----------------------------------------------------------------------------------
+
+    def _on_final(self, turn: Turn, offset_ms: int) -> None:
+        update = self._update(turn, offset_ms, final=True)
+        if update is None:
+            return
+        if update.end_ms <= self._last_final_end_ms:
+            return  # replayed audio re-finalized a turn we already delivered
+        self._last_final_end_ms = update.end_ms
+        if self._open_partial is not None and self._open_partial.key == update.key:
+            self._open_partial = None
+        self._output.put_nowait(update)
+        # Audio before the end of this final will never be needed again.
+        end_samples = (update.end_ms - self.params.offset_ms) * self.params.sample_rate // 1000
+        drop = min(end_samples, self._received) - self._kept_start
+        if drop > 0:
+            del self._kept[: drop * self._width]
+            self._kept_start += drop
+
+    def _on_partial(self, turn: Turn, offset_ms: int) -> None:
+        update = self._update(turn, offset_ms, final=False)
+        if update is not None and update.end_ms > self._last_final_end_ms:
+            self._open_partial = update
+            self._output.put_nowait(update)
+
+    def _close_open_partial(self) -> None:
+        """The connection died mid-turn: close its partial with an empty final (the replay
+        delivers the words again under the new epoch)."""
+        p = self._open_partial
+        if p is not None:
+            self._open_partial = None
+            self._output.put_nowait(replace(p, words=(), text="", final=True))
+
+    def _update(self, turn: Turn, offset_ms: int, *, final: bool) -> TurnUpdate | None:
+        base = self.params.offset_ms + offset_ms
+        words = tuple(
+            Word(w.text, base + int(w.start), base + int(w.end), float(w.confidence))
+            for w in turn.words
+        )
+        if not words and not turn.transcript:
+            return None
+        start = words[0].start if words else base
+        end = max(w.end for w in words) if words else base
+        confidence = sum(w.confidence for w in words) / len(words) if words else 0.0
+        return TurnUpdate(
+            channel=self.params.channel,
+            epoch=self._epoch,
+            turn_order=turn.turn_order,
+            words=words,
+            text=turn.transcript or " ".join(w.text for w in words),
+            start_ms=start,
+            end_ms=end,
+            final=final,
+            confidence=round(confidence, 4),
+            speaker=turn.speaker_label,
+        )
+
+    def _emit_watermark(self, open_turn_start: int | None, sent_samples: int) -> None:
+        mark = self.params.offset_ms + self._ms(sent_samples) - self.settings.watermark_lag_ms
+        if open_turn_start is not None:
+            mark = min(mark, open_turn_start)
+        if mark > self._watermark:
+            self._watermark = mark
+            self._output.put_nowait(Watermark(self.params.channel, mark))
+
+
+_QUERY_KEYS = frozenset(
+    {
+        "speech_model",
+        "format_turns",
+        "end_of_turn_confidence_threshold",
+        "min_turn_silence",
+        "max_turn_silence",
+        "keyterms_prompt",
+        "speaker_labels",
+        "max_speakers",
+        "inactivity_timeout",
+    }
+)
+
+
+class _Conn:
+    """One WebSocket connection (one epoch) of a session: a sender and a receiver."""
+
+    def __init__(self, session: AssemblyAISession, ws: ClientConnection, begin: Begin) -> None:
+        self.s = session
+        self.ws = ws
+        self.begin = begin
+        self.offset = session._kept_start  # samples: the first sample this session is sent
+        self.offset_ms = session._ms(self.offset)
+        self.sent = self.offset  # samples sent on this connection (absolute index)
+        settings = session.settings
+        self.chunker = AudioChunker(
+            session.params.sample_rate,
+            session._width,
+            chunk_ms=settings.chunk_ms,
+            silence_byte=session._silence,
+        )
+        self.pacer = Pacer(time.monotonic())
+        self.tracker = TurnTracker(settings.format_turns)
+        self.open_turn_start: int | None = None
+        self.terminated = asyncio.Event()
+        self.rollover = False
+
+    async def send_loop(self) -> None:
+        s = self.s
+        queued = self.offset  # absolute sample index fed to the chunker so far
+        audio_ms = 0.0
+        s._more.set()  # a new connection starts by replaying what is kept
+        while True:
+            await s._more.wait()
+            s._more.clear()
+            while True:
+                queued = max(queued, s._kept_start)
+                start = (queued - s._kept_start) * s._width
+                data = bytes(s._kept[start:])
+                queued += len(data) // s._width
+                chunks = self.chunker.push(data) if data else []
+                if s._finishing and queued >= s._received:
+                    tail = self.chunker.flush()
+                    if tail is not None:
+                        chunks.append(tail)
+                for chunk in chunks:
+                    audio_ms += len(chunk) / s._width * 1000 / s.params.sample_rate
+                    delay = self.pacer.due(audio_ms) - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    await self.ws.send(chunk)
+                    self.sent += len(chunk) // s._width
+                    s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
+                if queued >= s._received:
+                    break
+            if s._finishing and queued >= s._received:
+                await self.ws.send(encode_client_message(Terminate()))
+                self.terminated.set()
+                return
+            if self._expiring():
+                self.rollover = True
+                await self.ws.send(encode_client_message(Terminate()))
+                self.terminated.set()
+                return
+
+    def _expiring(self) -> bool:
+        margin = self.s.settings.rollover_margin_s
+        return self.open_turn_start is None and time.time() >= self.begin.expires_at - margin
+
+    async def receive_loop(self) -> _ConnectionResult:
+        s = self.s
+        try:
+            while True:
+                timeout = None
+                if self.terminated.is_set():
+                    timeout = s.settings.terminate_timeout_s
+                try:
+                    raw = await asyncio.wait_for(self.ws.recv(), timeout)
+                except TimeoutError:
+                    return self._drained("no Termination within the timeout")
+                try:
+                    message = parse_server_message(raw if isinstance(raw, str) else raw.decode())
+                except ProtocolError as exc:
+                    return _ConnectionResult(_Outcome.RETRY, f"malformed message: {exc}", True)
+                if isinstance(message, Turn):
+                    for event in self.tracker.feed(message):
+                        if isinstance(event, FinalTurn):
+                            self.open_turn_start = None
+                            s._on_final(event.turn, self.offset_ms)
+                        elif isinstance(event, PartialTurn):
+                            if event.turn.words:
+                                start = s.params.offset_ms + self.offset_ms + event.turn.words[0].start
+                                self.open_turn_start = start
+                            s._on_partial(event.turn, self.offset_ms)
+                    s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
+                elif isinstance(message, Termination):
+                    for event in self.tracker.flush():
+                        s._on_final(event.turn, self.offset_ms)
+                    if self.rollover:
+                        return _ConnectionResult(_Outcome.ROLLOVER, "planned rollover", True)
+                    return _ConnectionResult(_Outcome.DONE, "terminated", True)
+                elif isinstance(message, ErrorMessage):
+                    s._log.warning("stt.error_frame", code=message.error_code, error=message.error)
+        except ConnectionClosed as exc:
+            for event in self.tracker.flush():
+                s._on_final(event.turn, self.offset_ms)
+            return s._closed(exc, began=True)
+
+    def _drained(self, reason: str) -> _ConnectionResult:
+        for event in self.tracker.flush():
+            self.s._on_final(event.turn, self.offset_ms)
+        if self.rollover:
+            return _ConnectionResult(_Outcome.ROLLOVER, reason, True)
+        # Finishing without a Termination: the audio after the last final was not confirmed.
+        # Retry so the tail is transcribed by a fresh session.
+        return _ConnectionResult(_Outcome.RETRY, reason, True)
