@@ -22,6 +22,10 @@ class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class TranscriptionFailed(Exception):
+    """The speech engine failed a channel: printed as one line, exit status 1."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway",
@@ -31,10 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", metavar="PATH", help="TOML config file (default: $GATEWAY_CONFIG, or none)"
     )
+    # --config is accepted after the command too; SUPPRESS keeps a top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
         "transcribe",
+        parents=[common],
         help="transcribe a recorded call (WAV, 1-8 channels, one party per channel)",
         description="Transcribe a recorded call through the same pipeline as live calls.",
     )
@@ -53,9 +63,30 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="progress bar on stderr (auto: on a terminal, for files over 30 s)",
     )
+    t.add_argument(
+        "--engine", choices=("local", "assemblyai"), help="speech engine (default: stt.engine)"
+    )
+    t.add_argument(
+        "--stt-url",
+        metavar="URL",
+        help="AssemblyAI v3 WebSocket URL for --engine assemblyai (e.g. a `gateway stt-server`)",
+    )
     t.add_argument("-v", "--verbose", action="store_true", help="log pipeline events to stderr")
 
-    sub.add_parser("check-config", help="validate the configuration and print it as JSON")
+    v = sub.add_parser(
+        "stt-server",
+        parents=[common],
+        help="serve a speech engine over the AssemblyAI v3 streaming protocol",
+        description="An AssemblyAI-v3-compatible WebSocket server (ws://HOST:PORT/v3/ws).",
+    )
+    v.add_argument("--host", help="bind address (default: stt_server.host)")
+    v.add_argument("--port", type=int, help="port, 0 for any free one (default: stt_server.port)")
+    v.add_argument("--engine", choices=("local", "scripted"), help="default: stt_server.engine")
+    v.add_argument("--script", type=Path, help="JSON word script for --engine scripted")
+
+    sub.add_parser(
+        "check-config", parents=[common], help="validate the configuration and print it as JSON"
+    )
     return parser
 
 
@@ -69,12 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "transcribe":
             return _transcribe(args, settings)
+        if args.command == "stt-server":
+            return _stt_server(args, settings)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TranscriptionFailed as exc:
+        print(f"gateway: transcription failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     parser.error(f"unknown command {args.command}")  # pragma: no cover - argparse exits
@@ -96,6 +132,7 @@ def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.format not in FORMATS:
         raise UsageError(f"--format: unknown format {args.format!r} (use {', '.join(FORMATS)})")
+    settings = _with_engine(settings, args.engine, args.stt_url)
     roles = _split_list(args.roles, "roles") or list(settings.calls.default_roles)
     speakers = _split_list(args.speakers, "speakers")
     configure_logging("debug" if args.verbose else "warning", settings.logging.format)
@@ -138,10 +175,10 @@ async def _run_transcription(
     """Run the file through a Call on the configured engine; ``progress_total`` > 0 shows a bar."""
     from gateway.calls.call import Call, CallOptions
     from gateway.ingress.file import play_file
-    from gateway.stt.local import LocalEngine
+    from gateway.stt.engines import make_engine
     from gateway.transcript.render import render
 
-    engine = LocalEngine(settings.stt.local)
+    engine = make_engine(settings)
     await engine.start()
     bar = None
     if progress_total:
@@ -186,4 +223,87 @@ async def _run_transcription(
         if bar is not None:
             bar.close()
         await engine.close()
+    failed = [f"channel {i}: {c.failed}" for i, c in call.channels.items() if c.failed]
+    if failed:
+        raise TranscriptionFailed("; ".join(failed))
     return render(call.transcript(), fmt)
+
+
+def _with_engine(settings: Settings, engine: str | None, url: str | None) -> Settings:
+    """Apply --engine/--stt-url on top of the loaded settings."""
+    stt = settings.stt
+    if url is not None:
+        if not url.startswith(("ws://", "wss://")):
+            raise UsageError(f"--stt-url: expected a ws:// or wss:// URL, got {url!r}")
+        stt = stt.model_copy(update={"assemblyai": stt.assemblyai.model_copy(update={"url": url})})
+        engine = engine or "assemblyai"
+    if engine is not None:
+        stt = stt.model_copy(update={"engine": engine})
+    return settings.model_copy(update={"stt": stt})
+
+
+def _stt_server(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.observability.logging import configure_logging
+
+    conf = settings.stt_server
+    engine_name = args.engine or conf.engine
+    script_path = args.script or (Path(conf.script) if conf.script else None)
+    if engine_name == "scripted" and script_path is None:
+        raise UsageError("stt-server --engine scripted needs --script FILE")
+    configure_logging(settings.logging.level, settings.logging.format)
+    host = args.host or conf.host
+    port = conf.port if args.port is None else args.port
+    asyncio.run(_serve_stt(settings, engine_name, script_path, host, port))
+    return 0
+
+
+async def _serve_stt(
+    settings: Settings, engine_name: str, script_path: Path | None, host: str, port: int
+) -> None:
+    import signal
+
+    from aiohttp import web
+
+    from gateway.stt.local import LocalEngine
+    from gateway.stt.scripted import ScriptedEngine, load_script
+    from gateway.stt.session import SttEngine
+    from gateway.stt.v3_server import V3Server, V3ServerOptions, make_app
+
+    conf = settings.stt_server
+    engine: SttEngine
+    if engine_name == "scripted":
+        assert script_path is not None
+        try:
+            script = await asyncio.to_thread(load_script, script_path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--script {script_path}: {exc}") from None
+        engine = ScriptedEngine(script)
+    else:
+        engine = LocalEngine(settings.stt.local)
+    server = V3Server(
+        engine,
+        V3ServerOptions(
+            api_keys=frozenset(k.get_secret_value() for k in conf.api_keys),
+            max_session_s=conf.max_session_s,
+            realtime_allowance_s=conf.realtime_allowance_s,
+            max_sessions=conf.max_sessions,
+        ),
+    )
+    runner = web.AppRunner(make_app(server), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"stt-server: cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = runner.addresses[0][1] if runner.addresses else port
+    print(f"stt-server listening on ws://{host}:{bound}/v3/ws", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -9,8 +9,10 @@ secret, named by the dotted key (``stt.assemblyai.api_key``). Validation happens
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 ENV_PREFIX = "GATEWAY_"
@@ -109,6 +112,20 @@ class SttSettings(_Section):
     assemblyai: AssemblyAISettings = AssemblyAISettings()
 
 
+class SttServerSettings(_Section):
+    """`gateway stt-server`: our engines behind the AssemblyAI v3 protocol."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    # Keys accepted in Authorization or ?token=; empty = no authentication (loopback use).
+    api_keys: tuple[SecretStr, ...] = ()
+    engine: Literal["local", "scripted"] = "local"
+    script: str = ""  # JSON script for the scripted engine
+    max_sessions: int = Field(0, ge=0, le=100000)
+    max_session_s: float = Field(10800.0, gt=0, le=86400)
+    realtime_allowance_s: float = Field(10.0, ge=0, le=3600)
+
+
 class TranscriptSettings(_Section):
     join_same_speaker: bool = True
     max_join_gap_ms: int = Field(1000, ge=0, le=60000)
@@ -122,7 +139,7 @@ class CallSettings(_Section):
     @model_validator(mode="after")
     def _roles(self) -> CallSettings:
         if any(not r.strip() for r in self.default_roles):
-            raise ValueError("roles must be non-empty strings")
+            raise ValueError("default_roles must be non-empty strings")
         return self
 
 
@@ -143,6 +160,7 @@ class Settings(BaseSettings):
     )
 
     stt: SttSettings = SttSettings()
+    stt_server: SttServerSettings = SttServerSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     calls: CallSettings = CallSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -173,6 +191,15 @@ class _StrictEnvSource(EnvSettingsSource):
                 path = name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)
                 if not _known_path(Settings, path):
                     raise ConfigError(f"{name}: unknown setting {'.'.join(path)!r}")
+                if _is_sequence(_field_at(Settings, path)):
+                    try:
+                        ok = isinstance(json.loads(os.environ[name]), list)
+                    except json.JSONDecodeError:
+                        ok = False
+                    if not ok:
+                        raise ConfigError(
+                            f'{name} ({".".join(path)}): expected a JSON list, e.g. \'["a", "b"]\''
+                        )
         return super().__call__()
 
 
@@ -197,8 +224,38 @@ class _CredentialsSource(PydanticBaseSettingsSource):
             node = out
             for part in path[:-1]:
                 node = node.setdefault(part, {})
-            node[path[-1]] = entry.read_text().strip()
+            text = entry.read_text().strip()
+            if _is_sequence(_field_at(Settings, path)):
+                # A list credential: JSON (as in the environment), or one bare value.
+                try:
+                    value = json.loads(text) if text.startswith("[") else [text]
+                except json.JSONDecodeError:
+                    raise ConfigError(f"credential {entry.name}: not a JSON list") from None
+                node[path[-1]] = value
+            else:
+                node[path[-1]] = text
         return out
+
+
+def _field_at(model: type[BaseModel], path: list[str]) -> FieldInfo | None:
+    field = model.model_fields.get(path[0])
+    if field is None or len(path) == 1:
+        return field
+    sub = field.annotation
+    if isinstance(sub, type) and issubclass(sub, BaseModel):
+        return _field_at(sub, path[1:])
+    return None
+
+
+def _is_sequence(field: FieldInfo | None) -> bool:
+    return field is not None and typing.get_origin(field.annotation) in (tuple, list)
+
+
+def _is_secret(field: FieldInfo | None) -> bool:
+    if field is None:
+        return False
+    annotation = field.annotation
+    return annotation is SecretStr or SecretStr in typing.get_args(annotation)
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
@@ -234,16 +291,33 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         return Settings(**file_values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        # pydantic-settings could not decode an environment value (a list that is not JSON).
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f'{exc}{cause}; lists are JSON, e.g. \'["a", "b"]\'') from None
 
 
 def _describe(exc: ValidationError) -> str:
     errors = exc.errors()
     first = errors[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(root)"
+    loc = [str(p) for p in first["loc"] if not isinstance(p, int)]
     msg = first["msg"]
+    if first["type"] == "value_error":
+        # Cross-field checks report on their section; their message starts with the key.
+        msg = msg.removeprefix("Value error, ")
+        section = _field_at(Settings, loc) if loc else None
+        sub = section.annotation if section is not None else None
+        head = msg.split(" ", 1)[0]
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and head in sub.model_fields:
+            loc.append(head)
+    key = ".".join(loc) or "(root)"
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
-    elif "input" in first and not isinstance(first["input"], dict | list):
+    elif (
+        "input" in first
+        and not isinstance(first["input"], dict | list)
+        and not _is_secret(_field_at(Settings, loc) if loc else None)
+    ):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return f"{key}: {msg}{more if len(errors) > 1 else ''}"

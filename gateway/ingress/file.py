@@ -191,6 +191,9 @@ def probe_wav(path: Path, *, max_channels: int = 8) -> WavFormat:
         raise FileSourceError(f"permission denied: {path}") from None
     assert decoder.format is not None
     fmt = decoder.format
-    if fmt.data_size is None and path.stat().st_size <= fmt.data_offset:
+    available = path.stat().st_size - fmt.data_offset
+    if fmt.data_size is not None:
+        available = min(available, fmt.data_size)
+    if available < fmt.frame_size:
         raise FileSourceError("WAV has no audio (0 frames)")
     return fmt

@@ -461,7 +461,9 @@ class _Conn:
                             s._on_final(event.turn, self.offset_ms)
                         elif isinstance(event, PartialTurn):
                             if event.turn.words:
-                                start = s.params.offset_ms + self.offset_ms + event.turn.words[0].start
+                                start = (
+                                    s.params.offset_ms + self.offset_ms + event.turn.words[0].start
+                                )
                                 self.open_turn_start = start
                             s._on_partial(event.turn, self.offset_ms)
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))

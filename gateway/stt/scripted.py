@@ -5,6 +5,12 @@ of turns, each a list of ``(word, start_ms, end_ms)`` in the session's own audio
 emits a partial each time its audio passes the end of a word, and the turn's final once its audio
 passes the last word's end plus ``final_delay_ms`` (the "silence" that ends a turn). Audio content
 is ignored; only its duration counts, so the timing is exact and deterministic.
+
+With ``timecode=True`` the audio must be 16-bit PCM made by :func:`timecode_audio`, whose samples
+count 10 ms blocks: the session then reads *where in the call* its audio starts, as a recognizer
+hears words where they are in the audio. A client that reconnects and replays from the middle of a
+call gets the words of the replayed audio, at times relative to its new session, exactly as from
+the real service.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from gateway.stt.session import SessionParams, SttEvent, Watermark
 from gateway.transcript.model import TurnUpdate, Word
@@ -27,6 +35,29 @@ class ScriptedWord:
 
 
 Script = tuple[tuple[ScriptedWord, ...], ...]
+
+_BLOCK_MS = 10
+
+
+def timecode_audio(start_sample: int, samples: int, sample_rate: int = 8000) -> bytes:
+    """16-bit PCM whose every sample holds the index of its 10 ms block on the call clock."""
+    per_block = sample_rate * _BLOCK_MS // 1000
+    index = np.arange(start_sample, start_sample + samples) // per_block
+    return (index % 32768).astype("<i2").tobytes()
+
+
+def _timecode_origin(audio: bytes, sample_rate: int) -> float | None:
+    """Call time (ms) of the first sample of ``audio`` made by :func:`timecode_audio`."""
+    values = np.frombuffer(audio[: len(audio) // 2 * 2], "<i2")
+    if values.size < 2:
+        return None
+    per_block = sample_rate * _BLOCK_MS // 1000
+    changes = np.nonzero(np.diff(values))[0]
+    if changes.size == 0:
+        return None
+    boundary = int(changes[0]) + 1  # first sample of the next block
+    block = int(values[boundary])
+    return (block * per_block - boundary) * 1000 / sample_rate
 
 
 def load_script(path: Path) -> Script:
@@ -66,9 +97,13 @@ class ScriptedEngine:
 
     name = "scripted"
 
-    def __init__(self, script: Script, *, final_delay_ms: int = 400) -> None:
+    def __init__(
+        self, script: Script, *, final_delay_ms: int = 400, timecode: bool = False
+    ) -> None:
         self.script = script
         self.final_delay_ms = final_delay_ms
+        self.timecode = timecode
+        self.sessions_opened = 0
 
     @property
     def ready(self) -> bool:
@@ -81,15 +116,20 @@ class ScriptedEngine:
         return None
 
     def open_session(self, params: SessionParams) -> ScriptedSession:
-        return ScriptedSession(params, self.script, self.final_delay_ms)
+        self.sessions_opened += 1
+        return ScriptedSession(params, self.script, self.final_delay_ms, self.timecode)
 
 
 class ScriptedSession:
     """One channel of the scripted engine. Times are offset by ``params.offset_ms``."""
 
-    def __init__(self, params: SessionParams, script: Script, final_delay_ms: int) -> None:
+    def __init__(
+        self, params: SessionParams, script: Script, final_delay_ms: int, timecode: bool = False
+    ) -> None:
         self.params = params
         self._script = list(script)
+        self._timecode = timecode
+        self._origin: float | None = None if timecode else 0.0
         self._delay = final_delay_ms
         self._bytes = 0
         self._width = params.codec.sample_width
@@ -106,8 +146,26 @@ class ScriptedSession:
     async def send(self, audio: bytes) -> None:
         if self._finished:
             raise RuntimeError("send() after finish()")
+        if self._origin is None:
+            # A v3 chunk holds at least 50 ms, five 10 ms blocks: the time is always readable.
+            self._origin = _timecode_origin(audio, self.params.sample_rate) or 0.0
+            self._rebase(self._origin)
         self._bytes += len(audio)
         self._advance(self.audio_ms)
+
+    def _rebase(self, origin: float) -> None:
+        """Script times become relative to this session's first sample; earlier words are
+        not in this session's audio."""
+        rebased: list[tuple[ScriptedWord, ...]] = []
+        for turn in self._script:
+            words = tuple(
+                ScriptedWord(w.text, round(w.start_ms - origin), round(w.end_ms - origin))
+                for w in turn
+                if w.start_ms >= origin - 1
+            )
+            if words:
+                rebased.append(words)
+        self._script = rebased
 
     async def force_endpoint(self) -> None:
         """End the current turn now with the words heard so far (ForceEndpoint); the words not yet

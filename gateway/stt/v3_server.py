@@ -287,7 +287,9 @@ class _Connection:
         assert params is not None
         async for event in session.events():
             if isinstance(event, TurnUpdate):
-                for turn in turn_messages(event, params.format_turns, self.options.legacy_formatting):
+                for turn in turn_messages(
+                    event, params.format_turns, self.options.legacy_formatting
+                ):
                     await self._send(encode_server_message(turn))
             elif isinstance(event, SttError) and event.fatal:
                 self._log.warning("v3.engine_error", reason=event.reason)
@@ -340,9 +342,7 @@ def turn_messages(u: TurnUpdate, format_turns: bool, legacy: bool) -> list[Turn]
         def shape(text: str) -> str:
             return text if formatted else _PUNCT.sub("", text).lower()
 
-        words = tuple(
-            Word(shape(w.text), w.start, w.end, w.confidence, u.final) for w in u.words
-        )
+        words = tuple(Word(shape(w.text), w.start, w.end, w.confidence, u.final) for w in u.words)
         text = shape(u.text).strip()
         return Turn(
             turn_order=u.turn_order,

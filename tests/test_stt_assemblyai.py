@@ -1,0 +1,222 @@
+"""Our AssemblyAI v3 client against our v3 server over loopback, under each fault.
+
+The server runs the scripted recognizer in timecode mode: it hears words where they are in the
+audio, so a client that reconnects and replays from the middle of the call gets exactly the
+words of the replayed audio. Every case must end with every scripted word exactly once, on its
+channel, at its call time within 20 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from gateway.calls.call import Call, CallOptions, ChannelFailed
+from gateway.config import AssemblyAISettings
+from gateway.ingress.events import Audio, CallEnded, CallStarted, ChannelSpec
+from gateway.media.codec import Codec
+from gateway.stt.assemblyai import AssemblyAIEngine, AssemblyAISession
+from gateway.stt.scripted import ScriptedEngine, parse_script, timecode_audio
+from gateway.stt.session import SessionParams
+from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app
+from gateway.transcript.model import Transcript
+
+RATE = 8000
+DURATION_MS = 3200
+SCRIPTS = {
+    0: [
+        [["hello", 200, 450], ["there", 500, 800]],
+        [["how", 1700, 1900], ["are", 1950, 2150], ["you", 2200, 2500]],
+    ],
+    1: [
+        [["good", 900, 1150], ["morning", 1200, 1500]],
+        [["fine", 2600, 2800], ["thanks", 2850, 3000]],
+    ],
+}
+
+
+@dataclass
+class Harness:
+    servers: dict[int, V3Server]
+    engines: dict[int, AssemblyAIEngine]
+
+
+class ChannelRouter:
+    """One client engine per channel, so each channel talks to its own scripted server."""
+
+    name = "assemblyai"
+
+    def __init__(self, engines: dict[int, AssemblyAIEngine]) -> None:
+        self.engines = engines
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for engine in self.engines.values():
+            await engine.close()
+
+    def open_session(self, params: SessionParams) -> AssemblyAISession:
+        return self.engines[params.channel].open_session(params)
+
+
+def client_settings(url: str, **overrides: object) -> AssemblyAISettings:
+    base: dict[str, object] = dict(
+        url=url,
+        api_key="test-key",
+        chunk_ms=100,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+        ping_interval_s=0.3,
+        ping_timeout_s=0.3,
+        begin_timeout_s=1.0,
+        terminate_timeout_s=2.0,
+        max_retries=5,
+        watermark_lag_ms=500,
+    )
+    base.update(overrides)
+    return AssemblyAISettings.model_validate(base)
+
+
+@asynccontextmanager
+async def harness(
+    faults: dict[int, Sequence[Fault | None]] | None = None,
+    server_options: dict[str, object] | None = None,
+    client: dict[str, object] | None = None,
+) -> AsyncIterator[Harness]:
+    runners: list[web.AppRunner] = []
+    servers: dict[int, V3Server] = {}
+    engines: dict[int, AssemblyAIEngine] = {}
+    try:
+        for channel, script in SCRIPTS.items():
+            options = V3ServerOptions(
+                api_keys=frozenset({"test-key"}),
+                faults=tuple((faults or {}).get(channel, ())),
+                **(server_options or {}),  # type: ignore[arg-type]
+            )
+            server = V3Server(ScriptedEngine(parse_script(script), timecode=True), options)
+            runner = web.AppRunner(make_app(server))
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            runners.append(runner)
+            port = runner.addresses[0][1]
+            servers[channel] = server
+            engines[channel] = AssemblyAIEngine(
+                client_settings(f"ws://127.0.0.1:{port}/v3/ws", **(client or {}))
+            )
+        yield Harness(servers, engines)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def play(h: Harness) -> tuple[Call, list[object]]:
+    call = Call(ChannelRouter(h.engines), CallOptions(join_same_speaker=False))
+    outputs: list[object] = []
+    call.add_listener(lambda _c, o: outputs.append(o))
+    await call.handle(
+        CallStarted(
+            "test",
+            tuple(ChannelSpec(i, ("customer", "agent")[i], None, Codec.L16, RATE) for i in (0, 1)),
+        )
+    )
+    frame = RATE // 50  # 20 ms, as telephony sends it
+    for start in range(0, DURATION_MS * RATE // 1000, frame):
+        for channel in (0, 1):
+            await call.handle(Audio(channel, timecode_audio(start, frame), start))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(call.handle(CallEnded()), 60)
+    return call, outputs
+
+
+def check_exact(transcript: Transcript) -> None:
+    """Every scripted word once, on its channel, within 20 ms of its script time."""
+    for channel, script in SCRIPTS.items():
+        expected = [(w[0], w[1], w[2]) for turn in script for w in turn]
+        got = [
+            (w.text, w.start, w.end)
+            for u in transcript.utterances
+            if u.channel == channel
+            for w in u.words
+        ]
+        assert [g[0] for g in got] == [e[0] for e in expected], (channel, got)
+        for (_, gs, ge), (_, es, ee) in zip(got, expected, strict=True):
+            assert abs(gs - es) <= 20 and abs(ge - ee) <= 20, (channel, got)
+
+
+async def test_clean_session_delivers_every_word_on_the_call_clock() -> None:
+    async with harness() as h:
+        call, _ = await play(h)
+    check_exact(call.transcript())
+    assert all(s.stats.sessions == 1 for s in h.servers.values())
+    assert all(e.reconnects == 0 for e in h.engines.values())
+    assert all(s.stats.closes == {1000: 1} for s in h.servers.values())
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(Fault("drop", after_ms=1800), id="dropped-mid-turn-1006"),
+        pytest.param(Fault("close", after_ms=1000, code=3005), id="server-error-3005"),
+        pytest.param(Fault("stall", after_ms=600, stall_s=3.0), id="stall-past-timeout"),
+        pytest.param(Fault("malformed", after_ms=1000), id="malformed-json"),
+        pytest.param(
+            Fault(
+                "close",
+                after_ms=1200,
+                code=3008,
+                reason="Session Expired: Maximum session duration exceeded",
+            ),
+            id="expired-3008",
+        ),
+        pytest.param(
+            Fault(
+                "close",
+                before_begin=True,
+                code=3009,
+                reason="Unauthorized Connection: Too many concurrent sessions",
+            ),
+            id="too-many-sessions-3009-then-success",
+        ),
+    ],
+)
+async def test_faults_lose_and_duplicate_nothing(fault: Fault) -> None:
+    async with harness(faults={0: [fault], 1: [fault]}) as h:
+        call, outputs = await play(h)
+    check_exact(call.transcript())
+    assert not [o for o in outputs if isinstance(o, ChannelFailed)]
+    for channel, server in h.servers.items():
+        assert server.stats.sessions == 2, (channel, server.stats)
+        assert h.engines[channel].reconnects == 1
+
+
+async def test_sessions_roll_over_before_expiry_at_a_turn_boundary() -> None:
+    # Sessions expire after 2.5 s; the client opens a fresh one when within 2.0 s of expiry.
+    async with harness(
+        server_options={"max_session_s": 2.5}, client={"rollover_margin_s": 2.0}
+    ) as h:
+        call, _ = await play(h)
+    check_exact(call.transcript())
+    for server in h.servers.values():
+        assert server.stats.sessions >= 2
+        assert 3008 not in server.stats.closes  # rolled over before the server expired it
+
+
+async def test_auth_failure_ends_the_channel_without_a_retry_storm() -> None:
+    async with harness(client={"api_key": "wrong-key"}) as h:
+        call, outputs = await play(h)
+    failures = [o for o in outputs if isinstance(o, ChannelFailed)]
+    assert sorted(f.channel for f in failures) == [0, 1]
+    assert all("1008" in f.reason and "Invalid API key" in f.reason for f in failures)
+    assert all(s.stats.sessions == 1 for s in h.servers.values())  # no retry
+    assert call.transcript().utterances == ()
