@@ -71,7 +71,7 @@ class LocalEngineSettings(_Section):
 
 
 class AssemblyAISettings(_Section):
-    """AssemblyAI Universal Streaming v3 (or any v3-compatible server, e.g. `gateway stt-server`)."""
+    """AssemblyAI Universal Streaming v3, or any v3-compatible server (`gateway stt-server`)."""
 
     url: str = ""  # empty: the region's official endpoint
     region: Literal["us", "eu"] = "us"

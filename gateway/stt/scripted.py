@@ -61,7 +61,7 @@ def _timecode_origin(audio: bytes, sample_rate: int) -> float | None:
 
 
 def load_script(path: Path) -> Script:
-    """Read a script: JSON ``[[["hello", 100, 400], ["there", 450, 800]], [...]]`` (turns of words)."""
+    """Read a script: JSON ``[[["hello", 100, 400], ["there", 450, 800]], ...]``, turns of words."""
     data = json.loads(path.read_text())
     return parse_script(data)
 
