@@ -25,7 +25,8 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 
@@ -84,6 +85,9 @@ class AssemblyAIEngine:
         self.sessions: set[AssemblyAISession] = set()
         self.reconnects = 0
         self.failures = 0
+        # Called with the seconds from the arrival of a chunk's last sample (send()) to the
+        # chunk leaving on the socket; first transmissions only, not replays.
+        self.on_chunk_sent: Callable[[float], None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -139,6 +143,7 @@ class AssemblyAISession:
         self._epoch = 0
         self._watermark = -1
         self._open_partial: TurnUpdate | None = None
+        self._arrivals: deque[tuple[int, int, float]] = deque()  # (start, end, arrival time)
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"stt-aai-ch{params.channel}")
         self._log = log.bind(channel=params.channel)
@@ -151,7 +156,10 @@ class AssemblyAISession:
         if self._task.done():
             return  # the channel failed; its SttError is already in the event stream
         self._kept.extend(audio)
+        start = self._received
         self._received += len(audio) // self._width
+        if self._engine.on_chunk_sent is not None:
+            self._arrivals.append((start, self._received, time.monotonic()))
         self._more.set()
 
     async def finish(self) -> None:
@@ -350,6 +358,19 @@ class AssemblyAISession:
             speaker=turn.speaker_label,
         )
 
+    def _measure(self, sent: int) -> None:
+        hook = self._engine.on_chunk_sent
+        arrivals = self._arrivals
+        if hook is None or not arrivals:
+            return
+        while arrivals and arrivals[0][1] < sent:
+            arrivals.popleft()
+        if arrivals and arrivals[0][0] < sent:
+            _, end, arrived = arrivals[0]  # the frame holding the chunk's last sample
+            if end == sent:
+                arrivals.popleft()
+            hook(time.monotonic() - arrived)
+
     def _emit_watermark(self, open_turn_start: int | None, sent_samples: int) -> None:
         mark = self.params.offset_ms + self._ms(sent_samples) - self.settings.watermark_lag_ms
         if open_turn_start is not None:
@@ -423,6 +444,7 @@ class _Conn:
                     await self.ws.send(chunk)
                     self.sent += len(chunk) // s._width
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
+                    s._measure(self.sent)
                 if queued >= s._received:
                     break
             if s._finishing and queued >= s._received:
