@@ -49,9 +49,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         json.dump(script(args.seconds), fh)
         script_path = fh.name
     server = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "stt-server", "--engine", "scripted",
-         "--script", script_path, "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "stt-server",
+            "--engine",
+            "scripted",
+            "--script",
+            script_path,
+            "--port",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "GATEWAY_LOGGING__LEVEL": "warning"},
     )
     try:

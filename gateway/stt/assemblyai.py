@@ -417,6 +417,7 @@ class _Conn:
         self.open_turn_start: int | None = None
         self.terminated = asyncio.Event()
         self.rollover = False
+        self.finals = 0
 
     async def send_loop(self) -> None:
         s = self.s
@@ -437,6 +438,11 @@ class _Conn:
                     if tail is not None:
                         chunks.append(tail)
                 for chunk in chunks:
+                    if self._expiring():
+                        # A turn boundary close to expiry: hand over to a fresh session, which
+                        # replays everything after the last final (this chunk included).
+                        await self._roll_over()
+                        return
                     audio_ms += len(chunk) / s._width * 1000 / s.params.sample_rate
                     delay = self.pacer.due(audio_ms) - time.monotonic()
                     if delay > 0:
@@ -452,14 +458,28 @@ class _Conn:
                 self.terminated.set()
                 return
             if self._expiring():
-                self.rollover = True
-                await self.ws.send(encode_client_message(Terminate()))
-                self.terminated.set()
+                await self._roll_over()
                 return
 
+    async def _roll_over(self) -> None:
+        self.rollover = True
+        await self.ws.send(encode_client_message(Terminate()))
+        self.terminated.set()
+
     def _expiring(self) -> bool:
+        """Close to expiry, at a turn boundary, after this session finalized something.
+
+        The last condition guarantees progress: a fresh session replays from the last final, so
+        rolling over before any final would replay the same audio forever when the margin is
+        close to the session lifetime. A session that hears only silence expires (3008) and is
+        replaced like after a drop, losing nothing.
+        """
         margin = self.s.settings.rollover_margin_s
-        return self.open_turn_start is None and time.time() >= self.begin.expires_at - margin
+        return (
+            self.finals > 0
+            and self.open_turn_start is None
+            and time.time() >= self.begin.expires_at - margin
+        )
 
     async def receive_loop(self) -> _ConnectionResult:
         s = self.s
@@ -480,6 +500,7 @@ class _Conn:
                     for event in self.tracker.feed(message):
                         if isinstance(event, FinalTurn):
                             self.open_turn_start = None
+                            self.finals += 1
                             s._on_final(event.turn, self.offset_ms)
                         elif isinstance(event, PartialTurn):
                             if event.turn.words:
