@@ -17,7 +17,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,27 +47,24 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(script(args.seconds), fh)
         script_path = fh.name
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "stt-server",
-            "--engine",
-            "scripted",
-            "--script",
-            script_path,
-            "--port",
-            "0",
-        ],
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "stt-server",
+        "--engine",
+        "scripted",
+        "--script",
+        script_path,
+        "--port",
+        "0",
         cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
+        stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "GATEWAY_LOGGING__LEVEL": "warning"},
     )
     try:
         assert server.stdout is not None
-        line = await asyncio.to_thread(server.stdout.readline)
+        line = (await server.stdout.readline()).decode()
         url = line.strip().rsplit(" ", 1)[-1]
         delays: list[float] = []
         engine = AssemblyAIEngine(
@@ -109,7 +105,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await engine.close()
     finally:
         server.terminate()
-        server.wait(10)
+        await asyncio.wait_for(server.wait(), 10)
         os.unlink(script_path)
     delays_ms = sorted(d * 1000 for d in delays)
 
