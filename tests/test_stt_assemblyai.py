@@ -220,3 +220,37 @@ async def test_auth_failure_ends_the_channel_without_a_retry_storm() -> None:
     assert all("1008" in f.reason and "Invalid API key" in f.reason for f in failures)
     assert all(s.stats.sessions == 1 for s in h.servers.values())  # no retry
     assert call.transcript().utterances == ()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_any_frame_sizes_are_rechunked_and_paced_to_the_rules(seed: int) -> None:
+    """Frames of 1-2000 bytes (whole samples), all handed over at once like a file: the server
+    closes with 3007 on any chunk under 50 ms or over 1000 ms, or on audio more than 0.15 s
+    ahead of real time; neither may happen, and no word may be lost."""
+    import random
+
+    rnd = random.Random(seed)
+    async with harness(server_options={"realtime_allowance_s": 0.15}) as h:
+        call = Call(ChannelRouter(h.engines), CallOptions(join_same_speaker=False))
+        await call.handle(
+            CallStarted(
+                "test",
+                tuple(
+                    ChannelSpec(i, ("customer", "agent")[i], None, Codec.L16, RATE) for i in (0, 1)
+                ),
+            )
+        )
+        total = DURATION_MS * RATE // 1000
+        for channel in (0, 1):
+            position = 0
+            while position < total:
+                samples = min(rnd.randint(1, 1000), total - position)  # 2..2000 bytes
+                await call.handle(Audio(channel, timecode_audio(position, samples), position))
+                position += samples
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(call.handle(CallEnded()), 60)
+        elapsed = asyncio.get_running_loop().time() - started
+    check_exact(call.transcript())
+    for server in h.servers.values():
+        assert server.stats.closes == {1000: 1}, server.stats  # no 3007, one session
+    assert elapsed >= DURATION_MS / 1000 - 0.2  # paced: the file took real time
