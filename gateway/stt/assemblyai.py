@@ -138,6 +138,7 @@ class AssemblyAISession:
         self._kept_start = 0
         self._received = 0
         self._more = asyncio.Event()
+        self._wake_at = 0  # sample index at which the sender has a whole chunk to send
         self._finishing = False
         self._last_final_end_ms = -1
         self._epoch = 0
@@ -163,7 +164,8 @@ class AssemblyAISession:
         self._arrival_log.append((start, self._received, now))
         if self._engine.on_chunk_sent is not None:
             self._arrivals.append((start, self._received, now))
-        self._more.set()
+        if self._received >= self._wake_at:
+            self._more.set()  # a whole chunk is ready: wake the sender (not for every frame)
 
     async def finish(self) -> None:
         self._finishing = True
@@ -253,7 +255,11 @@ class AssemblyAISession:
         try:
             return await self._converse(ws)
         finally:
-            with contextlib.suppress(Exception):
+            # Billing runs until the session ends: on every exit path not already answered by
+            # Termination (errors, cancellation), tell the service, best effort and bounded.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(ws.send(encode_client_message(Terminate())), 1)
+            with contextlib.suppress(BaseException):
                 await asyncio.wait_for(ws.close(), 2)
 
     async def _converse(self, ws: ClientConnection) -> _ConnectionResult:
@@ -471,6 +477,8 @@ class _Conn:
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
                     s._measure(self.sent)
                 if queued >= s._received:
+                    pending = self.chunker.pending_bytes // s._width
+                    s._wake_at = queued - pending + self.chunker.chunk_samples
                     break
             if s._finishing and queued >= s._received:
                 await self.ws.send(encode_client_message(Terminate()))
