@@ -162,3 +162,17 @@ def test_bad_parameters_are_rejected() -> None:
         TurnSegmenter(min_turn_silence_ms=500, max_turn_silence_ms=100)
     with pytest.raises(ValueError):
         TurnSegmenter(threshold=1.5)
+
+
+def test_force_close_and_new_silences() -> None:
+    s = seg()
+    assert s.force_close() is None
+    feed(s, 0.9, 640)
+    closed = s.force_close()
+    assert closed is not None and closed.reason == "forced"
+    assert s.state is SegmenterState.IDLE
+    s.set_silences(1000, 2000)
+    feed(s, 0.9, 320)
+    assert not of(feed(s, 0.0, 700), EndCandidate)  # 700 ms < the new 1000 ms
+    with pytest.raises(ValueError):
+        s.set_silences(3000, None)

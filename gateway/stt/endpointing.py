@@ -194,6 +194,22 @@ class TurnSegmenter:
             raise RuntimeError("keep_turn() without a pending end candidate")
         self._deciding = False
 
+    def set_silences(self, min_turn_silence_ms: int | None, max_turn_silence_ms: int | None) -> None:
+        """Change the turn-ending silences for audio fed from now on (UpdateConfiguration)."""
+        ms = self.sample_rate // 1000
+        low = self._min_silence if min_turn_silence_ms is None else min_turn_silence_ms * ms
+        high = self._max_silence if max_turn_silence_ms is None else max_turn_silence_ms * ms
+        if high < low:
+            raise ValueError("max_turn_silence must be >= min_turn_silence")
+        self._min_silence, self._max_silence = low, high
+
+    def force_close(self) -> TurnClosed | None:
+        """End the open turn now (ForceEndpoint); None when no turn is open or a decision pends."""
+        turn = self._turn
+        if turn is None or self._deciding or self._queue:
+            return None
+        return self._close(turn, "forced")
+
     def flush(self) -> list[SegmenterEvent]:
         """End of audio: close (or drop) the open turn. Queued windows must be fed first."""
         if self._deciding or self._queue:

@@ -41,6 +41,7 @@ from gateway.transcript.model import TurnUpdate, Word
 
 RATE = 16000
 _MS = RATE // 1000
+_FORCE = b"<force-endpoint>"  # an in-band marker, so the endpoint lands after queued audio
 _ONSET_SHIFT = 3 * RATE // 2  # at most 1.5 s: see _place_words
 
 
@@ -174,6 +175,7 @@ class LocalSession:
         self.params = params
         self._engine = engine
         self._input: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=s.input_queue_chunks)
+        self._forced = False
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._resampler = Resampler(params.sample_rate, RATE)
         self._vad = engine.vad_stream()
@@ -204,6 +206,17 @@ class LocalSession:
         if self._task.done():
             return  # the session failed; its SttError is already in the event stream
         await self._input.put(audio)
+
+    async def force_endpoint(self) -> None:
+        """End the open turn at the audio received so far (the v3 ``ForceEndpoint``)."""
+        if not self._finishing and not self._task.done():
+            await self._input.put(_FORCE)
+
+    def configure(self, update: object) -> None:
+        """Apply ``min_turn_silence``/``max_turn_silence`` of a v3 ``UpdateConfiguration``."""
+        low = getattr(update, "min_turn_silence", None)
+        high = getattr(update, "max_turn_silence", None)
+        self._segmenter.set_silences(low, high)
 
     async def finish(self) -> None:
         if not self._finishing:
@@ -237,14 +250,24 @@ class LocalSession:
                 if chunk is not None:
                     chunks.append(chunk)
                 # Batch whatever else is queued: one pool hop per batch, not per 20 ms frame.
-                while not done and not self._input.empty():
+                force = chunk is _FORCE
+                if force:
+                    chunks.clear()
+                while not done and not force and not self._input.empty():
                     more = self._input.get_nowait()
                     if more is None:
                         done = True
+                    elif more is _FORCE:
+                        force = True
                     else:
                         chunks.append(more)
                 if chunks:
                     await self._process(b"".join(chunks), final=False)
+                if force:
+                    closed = self._segmenter.force_close()
+                    if closed is not None:
+                        await self._handle(closed)
+                        self._watermark()
                 if done:
                     await self._process(b"", final=True)
                     for event in self._segmenter.flush():
