@@ -194,7 +194,9 @@ class TurnSegmenter:
             raise RuntimeError("keep_turn() without a pending end candidate")
         self._deciding = False
 
-    def set_silences(self, min_turn_silence_ms: int | None, max_turn_silence_ms: int | None) -> None:
+    def set_silences(
+        self, min_turn_silence_ms: int | None, max_turn_silence_ms: int | None
+    ) -> None:
         """Change the turn-ending silences for audio fed from now on (UpdateConfiguration)."""
         ms = self.sample_rate // 1000
         low = self._min_silence if min_turn_silence_ms is None else min_turn_silence_ms * ms
