@@ -96,7 +96,7 @@ class AssemblyAISettings(_Section):
     backoff_initial_s: float = Field(0.5, gt=0, le=60)
     backoff_max_s: float = Field(30.0, gt=0, le=600)
     rollover_margin_s: float = Field(120.0, ge=0, le=3600)
-    max_catchup_ms: int = Field(1000, ge=0, le=60000)
+    max_catchup_ms: int = Field(500, ge=0, le=60000)
     watermark_lag_ms: int = Field(3000, ge=0, le=60000)
 
     @property

@@ -230,7 +230,9 @@ async def test_any_frame_sizes_are_rechunked_and_paced_to_the_rules(seed: int) -
     import random
 
     rnd = random.Random(seed)
-    async with harness(server_options={"realtime_allowance_s": 0.15}) as h:
+    async with harness(
+        server_options={"realtime_allowance_s": 0.15}, client={"max_catchup_ms": 0}
+    ) as h:
         call = Call(ChannelRouter(h.engines), CallOptions(join_same_speaker=False))
         await call.handle(
             CallStarted(

@@ -145,7 +145,6 @@ class AssemblyAISession:
         self._watermark = -1
         self._open_partial: TurnUpdate | None = None
         self._arrivals: deque[tuple[int, int, float]] = deque()  # (start, end, arrival time)
-        self._arrival_log: deque[tuple[int, int, float]] = deque()  # same, for kept audio
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"stt-aai-ch{params.channel}")
         self._log = log.bind(channel=params.channel)
@@ -160,10 +159,8 @@ class AssemblyAISession:
         self._kept.extend(audio)
         start = self._received
         self._received += len(audio) // self._width
-        now = time.monotonic()
-        self._arrival_log.append((start, self._received, now))
         if self._engine.on_chunk_sent is not None:
-            self._arrivals.append((start, self._received, now))
+            self._arrivals.append((start, self._received, time.monotonic()))
         if self._received >= self._wake_at:
             self._more.set()  # a whole chunk is ready: wake the sender (not for every frame)
 
@@ -328,9 +325,6 @@ class AssemblyAISession:
         if drop > 0:
             del self._kept[: drop * self._width]
             self._kept_start += drop
-            log_ = self._arrival_log
-            while log_ and log_[0][1] <= self._kept_start:
-                log_.popleft()
 
     def _on_partial(self, turn: Turn, offset_ms: int) -> None:
         update = self._update(turn, offset_ms, final=False)
@@ -369,12 +363,6 @@ class AssemblyAISession:
             confidence=round(confidence, 4),
             speaker=turn.speaker_label,
         )
-
-    def _arrival_of(self, sample: int) -> float | None:
-        for start, end, arrived in self._arrival_log:
-            if start <= sample < end:
-                return arrived
-        return None
 
     def _measure(self, sent: int) -> None:
         hook = self._engine.on_chunk_sent
@@ -430,14 +418,10 @@ class _Conn:
             chunk_ms=settings.chunk_ms,
             silence_byte=session._silence,
         )
-        # Real time is the audio's own: a chunk never leaves before its audio would have been
-        # heard live (for a file, all of it "arrives" at once and is paced from the start). A
-        # backlog (connect time, a replay after a reconnect) may run ahead of this session's
-        # wall time by at most max_catchup_ms, so the channel catches up with live audio.
-        now = time.monotonic()
-        arrived = session._arrival_of(self.offset)
-        anchor = now if arrived is None else max(arrived, now - settings.max_catchup_ms / 1000)
-        self.pacer = Pacer(anchor)
+        # Never faster than real time, measured as the service does: audio received by this
+        # session against its wall time. A lead of max_catchup_ms absorbs the backlog of
+        # connecting or replaying and the jitter of live frames; beyond it, pace.
+        self.pacer = Pacer(time.monotonic(), lead_ms=settings.max_catchup_ms)
         self.tracker = TurnTracker(settings.format_turns)
         self.open_turn_start: int | None = None
         self.terminated = asyncio.Event()
