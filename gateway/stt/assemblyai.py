@@ -381,7 +381,10 @@ class AssemblyAISession:
         mark = self.params.offset_ms + self._ms(sent_samples) - self.settings.watermark_lag_ms
         if open_turn_start is not None:
             mark = min(mark, open_turn_start)
-        if mark > self._watermark:
+        # Every 250 ms at most while audio flows: each event wakes the call's reader task.
+        if mark >= self._watermark + 250 or (
+            mark > self._watermark and open_turn_start is not None
+        ):
             self._watermark = mark
             self._output.put_nowait(Watermark(self.params.channel, mark))
 
