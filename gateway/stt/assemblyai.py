@@ -239,6 +239,8 @@ class AssemblyAISession:
                     ping_timeout=s.ping_timeout_s,
                     max_size=None,
                     open_timeout=s.connect_timeout_s,
+                    # Audio does not compress: permessage-deflate would only burn CPU per chunk.
+                    compression=None,
                 ),
                 s.connect_timeout_s + 1,
             )
