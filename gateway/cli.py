@@ -133,6 +133,16 @@ def _transcribe(args: argparse.Namespace, settings: Settings) -> int:
     if args.format not in FORMATS:
         raise UsageError(f"--format: unknown format {args.format!r} (use {', '.join(FORMATS)})")
     settings = _with_engine(settings, args.engine, args.stt_url)
+    aai = settings.stt.assemblyai
+    if (
+        settings.stt.engine == "assemblyai"
+        and not aai.url
+        and not (aai.api_key.get_secret_value() or aai.token.get_secret_value())
+    ):
+        raise UsageError(
+            "the assemblyai engine needs an API key: set GATEWAY_STT__ASSEMBLYAI__API_KEY "
+            "(or a credential file stt.assemblyai.api_key), or --stt-url for a v3 server"
+        )
     roles = _split_list(args.roles, "roles") or list(settings.calls.default_roles)
     speakers = _split_list(args.speakers, "speakers")
     configure_logging("debug" if args.verbose else "warning", settings.logging.format)

@@ -300,3 +300,11 @@ def test_check_config_reflects_a_changed_value(tmp_path: Path) -> None:
     doc = json.loads(run.stdout)
     assert doc["stt"]["local"]["beam_size"] == 2
     assert doc["calls"]["max_channels"] == 3
+
+
+def test_assemblyai_engine_without_a_key_is_refused_before_connecting(tmp_path: Path) -> None:
+    wav = valid_wav(tmp_path / "call.wav")
+    result = gateway("transcribe", str(wav), "--engine", "assemblyai")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API key" in lines[0] and "Traceback" not in result.stderr
