@@ -214,6 +214,8 @@ async def _run_transcription(
             max_channels=settings.calls.max_channels,
             max_timestamp_jump_s=settings.calls.max_timestamp_jump_s,
             log_transcripts=settings.logging.log_transcripts,
+            # A file is all there at once: pace it strictly at real time (no catch-up lead).
+            stt_options={"max_catchup_ms": 0},
         ),
         call_id=path.stem,
     )

@@ -85,9 +85,9 @@ class AssemblyAIEngine:
         self.sessions: set[AssemblyAISession] = set()
         self.reconnects = 0
         self.failures = 0
-        # Called with the seconds from the arrival of a chunk's last sample (send()) to the
-        # chunk leaving on the socket; first transmissions only, not replays.
-        self.on_chunk_sent: Callable[[float], None] | None = None
+        # Called per chunk with the seconds from the arrival (send()) of its first and of its
+        # last sample to the chunk leaving on the socket; first transmissions only.
+        self.on_chunk_sent: Callable[[float, float], None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -133,6 +133,9 @@ class AssemblyAISession:
             ),
             **overrides,  # type: ignore[arg-type]
         )
+        # Per-call override: an offline file is paced strictly (0), live audio may catch up.
+        lead = params.options.get("max_catchup_ms", s.max_catchup_ms)
+        self._lead_ms = int(lead) if isinstance(lead, int | float) else s.max_catchup_ms
         # Audio kept for replay: samples [kept_start, received) of this channel.
         self._kept = bytearray()
         self._kept_start = 0
@@ -366,18 +369,25 @@ class AssemblyAISession:
             speaker=turn.speaker_label,
         )
 
-    def _measure(self, sent: int) -> None:
+    def _measure(self, first: int, sent: int) -> None:
+        """Report the chunk of samples ``[first, sent)`` to the engine's send-delay hook."""
         hook = self._engine.on_chunk_sent
         arrivals = self._arrivals
         if hook is None or not arrivals:
             return
+        while arrivals and arrivals[0][1] <= first:
+            arrivals.popleft()  # frames of earlier chunks (or of a replay)
+        if not arrivals or arrivals[0][0] > first:
+            return
+        opened = arrivals[0][2]  # the frame holding the chunk's first sample
         while arrivals and arrivals[0][1] < sent:
             arrivals.popleft()
         if arrivals and arrivals[0][0] < sent:
-            _, end, arrived = arrivals[0]  # the frame holding the chunk's last sample
+            _, end, closed = arrivals[0]  # the frame holding the chunk's last sample
             if end == sent:
                 arrivals.popleft()
-            hook(time.monotonic() - arrived)
+            now = time.monotonic()
+            hook(now - opened, now - closed)
 
     def _emit_watermark(self, open_turn_start: int | None, sent_samples: int) -> None:
         mark = self.params.offset_ms + self._ms(sent_samples) - self.settings.watermark_lag_ms
@@ -426,7 +436,7 @@ class _Conn:
         # Never faster than real time, measured as the service does: audio received by this
         # session against its wall time. A lead of max_catchup_ms absorbs the backlog of
         # connecting or replaying and the jitter of live frames; beyond it, pace.
-        self.pacer = Pacer(time.monotonic(), lead_ms=settings.max_catchup_ms)
+        self.pacer = Pacer(time.monotonic(), lead_ms=session._lead_ms)
         self.tracker = TurnTracker(settings.format_turns)
         self.open_turn_start: int | None = None
         self.terminated = asyncio.Event()
@@ -462,9 +472,10 @@ class _Conn:
                     if delay > 0:
                         await asyncio.sleep(delay)
                     await self.ws.send(chunk)
+                    first = self.sent
                     self.sent += len(chunk) // s._width
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
-                    s._measure(self.sent)
+                    s._measure(first, self.sent)
                 if queued >= s._received:
                     pending = self.chunker.pending_bytes // s._width
                     s._wake_at = queued - pending + self.chunker.chunk_samples
