@@ -256,3 +256,26 @@ async def test_any_frame_sizes_are_rechunked_and_paced_to_the_rules(seed: int) -
     for server in h.servers.values():
         assert server.stats.closes == {1000: 1}, server.stats  # no 3007, one session
     assert elapsed >= DURATION_MS / 1000 - 0.2  # paced: the file took real time
+
+
+async def test_a_law_is_sent_as_16_bit_pcm_of_the_same_duration() -> None:
+    """v3 has no A-law encoding: the client must transcode, or the server would hear half."""
+    script = parse_script([[["early", 200, 500]], [["late", 2500, 2800]]])
+    server = V3Server(ScriptedEngine(script), V3ServerOptions())
+    runner = web.AppRunner(make_app(server))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+        engine = AssemblyAIEngine(client_settings(url))
+        call = Call(engine, CallOptions(join_same_speaker=False))
+        await call.handle(
+            CallStarted("test", (ChannelSpec(0, "customer", None, Codec.PCMA, RATE),))
+        )
+        for start in range(0, 3400 * RATE // 1000, 160):
+            await call.handle(Audio(0, b"\xd5" * 160, start))
+        await asyncio.wait_for(call.handle(CallEnded()), 30)
+    finally:
+        await runner.cleanup()
+    assert [u.text for u in call.transcript().utterances] == ["early", "late"]

@@ -35,6 +35,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from gateway.config import AssemblyAISettings
+from gateway.media import codec as codecs
 from gateway.media.codec import Codec, silence
 from gateway.observability.logging import get_logger
 from gateway.stt.chunker import AudioChunker, Pacer
@@ -113,9 +114,11 @@ class AssemblyAISession:
         self.params = params
         self.settings = s = engine.settings
         self._engine = engine
-        self._width = params.codec.sample_width
-        self._silence = silence(params.codec, 1)
-        encoding = "pcm_mulaw" if params.codec is Codec.PCMU else "pcm_s16le"
+        # µ-law goes as-is; everything else (L16, A-law) as 16-bit PCM, the other v3 encoding.
+        self._wire = Codec.PCMU if params.codec is Codec.PCMU else Codec.L16
+        self._width = self._wire.sample_width
+        self._silence = silence(self._wire, 1)
+        encoding = "pcm_mulaw" if self._wire is Codec.PCMU else "pcm_s16le"
         overrides = {k: v for k, v in params.options.items() if k in _QUERY_KEYS}
         self._query = replace(
             StreamingParams(
@@ -159,6 +162,8 @@ class AssemblyAISession:
             raise RuntimeError("send() after finish()")
         if self._task.done():
             return  # the channel failed; its SttError is already in the event stream
+        if self.params.codec is not self._wire:
+            audio = codecs.decode(self.params.codec, audio)
         self._kept.extend(audio)
         start = self._received
         self._received += len(audio) // self._width
