@@ -260,13 +260,7 @@ def _is_secret(field: FieldInfo | None) -> bool:
 
 
 def _known_path(model: type[BaseModel], path: list[str]) -> bool:
-    field = model.model_fields.get(path[0])
-    if field is None:
-        return False
-    if len(path) == 1:
-        return True
-    sub = field.annotation
-    return isinstance(sub, type) and issubclass(sub, BaseModel) and _known_path(sub, path[1:])
+    return _field_at(model, path) is not None
 
 
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:

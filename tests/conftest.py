@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
@@ -34,6 +36,13 @@ def local_engine() -> Iterator[LocalEngine]:
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.close())
+
+
+def channel_audio(name: str, channel: int, start_s: float, end_s: float) -> bytes:
+    """16-bit PCM of one channel of a test call between two times (8 kHz)."""
+    with wave.open(str(call_path(name))) as w:
+        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, w.getnchannels())
+    return frames[int(start_s * 8000) : int(end_s * 8000), channel].tobytes()
 
 
 def call_path(name: str) -> Path:

@@ -8,11 +8,9 @@ produces directly for the same audio.
 from __future__ import annotations
 
 import asyncio
-import wave
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import numpy as np
 import pytest
 from aiohttp import web
 from assemblyai.streaming.v3 import (
@@ -27,15 +25,9 @@ from gateway.stt.local import LocalEngine
 from gateway.stt.session import SessionParams
 from gateway.stt.v3_server import V3Server, V3ServerOptions
 from gateway.transcript.model import TurnUpdate
-from tests.conftest import call_path
+from tests.conftest import channel_audio
 
 RATE = 8000
-
-
-def channel_audio(name: str, channel: int, start_s: float, end_s: float) -> bytes:
-    with wave.open(str(call_path(name))) as w:
-        frames = np.frombuffer(w.readframes(w.getnframes()), np.int16).reshape(-1, 2)
-    return frames[int(start_s * RATE) : int(end_s * RATE), channel].tobytes()
 
 
 @asynccontextmanager

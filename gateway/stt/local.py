@@ -175,7 +175,6 @@ class LocalSession:
         self.params = params
         self._engine = engine
         self._input: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=s.input_queue_chunks)
-        self._forced = False
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._resampler = Resampler(params.sample_rate, RATE)
         self._vad = engine.vad_stream()

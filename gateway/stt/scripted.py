@@ -137,7 +137,6 @@ class ScriptedSession:
         self._words_out = 0  # words of the current turn already shown in a partial
         self._queue: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._finished = False
-        self._forced = False
 
     @property
     def audio_ms(self) -> int:
