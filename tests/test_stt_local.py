@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from gateway.media.codec import Codec
-from gateway.stt.local import LocalEngine
+from gateway.stt.local import LocalEngine, _place_words
 from gateway.stt.session import SessionParams, SttError, Watermark
 from gateway.transcript.model import TurnUpdate
 from tests.conftest import channel_audio
@@ -96,3 +96,18 @@ async def test_silence_gives_no_turns_and_a_closing_watermark(local_engine: Loca
     assert not [e for e in events if isinstance(e, TurnUpdate)]
     marks = [e for e in events if isinstance(e, Watermark)]
     assert marks and marks[-1].ms >= 3000
+
+
+def test_word_in_a_pause_moves_to_the_next_onset_not_to_noise_before_it() -> None:
+    # A 160 ms noise burst at 0.64 s, speech from 1.056 s; Whisper put the first word at 0.86 s.
+    regions = ((10240, 12800), (16896, 111104))
+    placed = _place_words([(13760, 20160), (20160, 23040)], regions, 24000)
+    assert placed[0] == (16896, 20160)
+    assert placed[1] == (20160, 23040)
+
+
+def test_word_inside_speech_owns_the_uncovered_speech_before_it() -> None:
+    # An "uh" Whisper dropped at 1.0-1.3 s; the next word starts inside the following region.
+    regions = ((16000, 20800), (24000, 40000))
+    placed = _place_words([(25600, 30000)], regions, 24000)
+    assert placed == [(16000, 30000)]

@@ -38,11 +38,6 @@ KNOWN: dict[tuple[str, int], tuple[str, str]] = {
         "tiny.en hears 'Neither did I.' as 'I need the design.' on this narrowband audio, with "
         "any beam size, prompt or context tried",
     ),
-    ("mfa_two_michaels", 1059): (
-        "timing",
-        "0.4 s of loud sound before the aligned first word (breath/lip noise) is taken as the "
-        "speech onset; the reference (a forced alignment) starts at the first phone",
-    ),
 }
 
 

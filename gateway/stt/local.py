@@ -455,7 +455,8 @@ def _place_words(
     Whisper places the first word after a pause late (by up to a second on telephone audio), and
     it drops fillers ("uh", "um") that open a turn; the VAD says where the speaker audibly
     started. Speech regions between the previous word and this one that no word covers are
-    attributed to this word, back to at most ``max_shift`` samples before it.
+    attributed to this word, back to at most ``max_shift`` samples before it, when the word
+    starts inside speech; a word placed in a pause moves to the onset of the region after it.
     """
     out: list[tuple[int, int]] = []
     for a, b in spans:
@@ -465,7 +466,12 @@ def _place_words(
             out.append((a, b))
             continue
         k = region
-        while k > 0 and regions[k - 1][0] >= floor and a - regions[k - 1][0] <= max_shift:
+        # A word Whisper put in the pause before a region is early, not late: it belongs to
+        # that region. Only a word that starts inside speech can own uncovered speech before it.
+        inside = regions[k][0] <= a
+        while (
+            inside and k > 0 and regions[k - 1][0] >= floor and a - regions[k - 1][0] <= max_shift
+        ):
             k -= 1
         onset = regions[k][0]
         if onset >= floor and (onset > a or a - onset <= max_shift):
