@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from gateway import __version__
 from gateway.config import ConfigError, Settings, load_settings
 
@@ -84,6 +86,34 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", choices=("local", "scripted"), help="default: stt_server.engine")
     v.add_argument("--script", type=Path, help="JSON word script for --engine scripted")
 
+    srv = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the live gateway (Twilio/Telnyx/SignalWire streams, API, metrics)",
+        description="Run the gateway until SIGTERM/SIGINT, then drain: active calls finish "
+        "(up to server.drain_timeout_s), transcripts are flushed, exit 0.",
+    )
+    srv.add_argument("--host", help="bind address (default: server.host)")
+    srv.add_argument("--port", type=int, help="port, 0 for any free one (default: server.port)")
+    srv.add_argument(
+        "--demo",
+        type=Path,
+        metavar="CALL.wav",
+        help="also stream this stereo WAV through the gateway's own Twilio endpoint and print "
+        "the live transcript (the `make run` demo); the server keeps running afterwards",
+    )
+    srv.add_argument(
+        "--demo-speed", type=float, default=1.0, help="playback speed of --demo (default 1.0)"
+    )
+    srv.add_argument(
+        "--demo-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a <Parameter> of the demo stream, e.g. inbound_participant=Diane (repeatable)",
+    )
+    srv.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+
     sub.add_parser(
         "check-config", parents=[common], help="validate the configuration and print it as JSON"
     )
@@ -102,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _transcribe(args, settings)
         if args.command == "stt-server":
             return _stt_server(args, settings)
+        if args.command == "serve":
+            return _serve(args, settings)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -319,3 +351,150 @@ async def _serve_stt(
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.observability.logging import configure_logging
+
+    conf = settings.server
+    host = args.host or conf.host
+    port = conf.port if args.port is None else args.port
+    demo: Path | None = args.demo
+    if demo is not None:
+        from gateway.ingress.file import FileSourceError, probe_wav
+
+        try:
+            fmt = probe_wav(demo, max_channels=2)
+        except FileSourceError as exc:
+            raise UsageError(f"--demo {demo}: {exc}") from None
+        if fmt.channels != 2:
+            raise UsageError(f"--demo {demo}: expected a stereo WAV (customer, agent)")
+        if not settings.twilio.enabled:
+            raise UsageError("--demo needs the Twilio endpoint (twilio.enabled = true)")
+        if not 0 < args.demo_speed <= settings.calls.max_speed:
+            raise UsageError(
+                f"--demo-speed must be in (0, {settings.calls.max_speed}] (calls.max_speed)"
+            )
+    level = "debug" if args.verbose else settings.logging.level
+    if demo is not None and not args.verbose:
+        level = "warning"  # the transcript is the demo's output; keep stderr for problems
+    params: dict[str, str] = {}
+    for item in args.demo_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--demo-param: expected KEY=VALUE, got {item!r}")
+        params[key.strip()] = value
+    configure_logging(level, settings.logging.format)
+    return asyncio.run(_run_server(settings, host, port, demo, args.demo_speed, params))
+
+
+async def _run_server(
+    settings: Settings,
+    host: str,
+    port: int,
+    demo: Path | None,
+    demo_speed: float,
+    demo_params: dict[str, str],
+) -> int:
+    import contextlib
+    import secrets
+    import signal
+
+    from aiohttp import web
+
+    from gateway.app import REGISTRY, drain, make_app
+
+    demo_token = ""
+    if demo is not None and not settings.twilio.auth_token.get_secret_value():
+        # The demo signs its stream like Twilio would, with a token made up for this run.
+        demo_token = secrets.token_hex(16)
+        twilio = settings.twilio.model_copy(update={"auth_token": SecretStr(demo_token)})
+        settings = settings.model_copy(update={"twilio": twilio})
+    app = make_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    print("callgate: loading the speech engine ...", file=sys.stderr, flush=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UsageError(f"serve: cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound = runner.addresses[0][1] if runner.addresses else port
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = f"http://{shown}:{bound}"
+    lines = [f"callgate {__version__} serving on {host}:{bound}"]
+    for name in ("twilio", "telnyx", "signalwire"):
+        conf = getattr(settings, name)
+        if conf.enabled:
+            lines.append(f"  {name + ' stream:':19} ws://{shown}:{bound}{conf.path}")
+    if settings.twilio.enabled and settings.twilio.voice_path:
+        lines.append(f"  {'twilio voice hook:':19} {base}{settings.twilio.voice_path}")
+    lines += [
+        f"  {'calls API:':19} {base}/v1/calls",
+        f"  {'metrics:':19} {base}/metrics",
+        f"  {'health:':19} {base}/healthz",
+    ]
+    print("\n".join(lines), flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        stop.set()
+        if signals > 1:  # a second Ctrl-C: do not wait for calls to finish
+            for live in app[REGISTRY].active():
+                live.end_soon("shutdown", code=1001)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+
+    demo_task: asyncio.Task[None] | None = None
+    if demo is not None:
+        from gateway.outputs.console import ConsoleTranscript
+
+        app[REGISTRY].add_listener(ConsoleTranscript(sys.stdout))
+        url = f"ws://127.0.0.1:{bound}{settings.twilio.path}"
+        demo_task = asyncio.create_task(
+            _play_demo(url, demo, demo_token or None, demo_speed, demo_params), name="demo"
+        )
+    try:
+        await stop.wait()
+        print("callgate: stopping: finishing active calls ...", file=sys.stderr, flush=True)
+        await drain(app)
+    finally:
+        if demo_task is not None:
+            demo_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await demo_task
+        await runner.cleanup()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+async def _play_demo(
+    url: str, wav: Path, token: str | None, speed: float, params: dict[str, str]
+) -> None:
+    from gateway.simulate.twilio import SimulationOptions, simulate_call
+
+    result = await simulate_call(
+        url,
+        wav,
+        SimulationOptions(speed=speed, custom_parameters=params),
+        auth_token=token,
+    )
+    if not result.completed:
+        print(
+            f"callgate: demo stream did not complete: {result.close_code} {result.close_reason}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        "callgate: demo call streamed; the gateway keeps running for real calls (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )

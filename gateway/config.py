@@ -11,12 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -136,12 +145,86 @@ class CallSettings(_Section):
     default_roles: tuple[str, ...] = ("customer", "agent")
     max_channels: int = Field(8, ge=1, le=32)
     max_timestamp_jump_s: int = Field(600, ge=1, le=86400)
+    # A live call longer than this is ended (s).
+    max_call_s: float = Field(14400.0, gt=0, le=7 * 86400)
+    # Live audio may arrive at most max_speed x real time plus burst_s, else the stream closes.
+    max_speed: float = Field(1.5, ge=1.0, le=1000.0)
+    burst_s: float = Field(10.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _roles(self) -> CallSettings:
         if any(not r.strip() for r in self.default_roles):
             raise ValueError("default_roles must be non-empty strings")
         return self
+
+
+class ServerSettings(_Section):
+    """`gateway serve`: the live gateway (ingress WebSockets, TwiML helper, API, metrics)."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    # The base URL telephony platforms are told to use (e.g. https://gw.example.com). It builds
+    # the stream URL in TwiML and is one of the URLs a signature is checked against.
+    public_url: str = ""
+    # Rebuild the URL a platform signed from X-Forwarded-Proto / X-Forwarded-Host (behind a proxy).
+    trust_forwarded: bool = True
+    max_calls: int = Field(1000, ge=1, le=100000)
+    drain_timeout_s: float = Field(30.0, ge=0, le=86400)
+    data_dir: str = "data"
+    recent_calls: int = Field(1000, ge=0, le=1000000)
+    # Bearer tokens for the REST API; none = the API answers loopback clients only.
+    api_tokens: tuple[SecretStr, ...] = ()
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"(https?|wss?)://[^/?#\s]+/?", value):
+            raise ValueError(f"expected a base URL like https://gw.example.com, got {value!r}")
+        return value.rstrip("/")
+
+
+class MediaStreamSettings(_Section):
+    """One Media Streams dialect endpoint (Twilio, Telnyx, SignalWire)."""
+
+    enabled: bool = True
+    path: str = "/twilio/stream"
+    # Key for X-Twilio-Signature (HMAC) on the upgrade; set -> every stream must be signed.
+    auth_token: SecretStr = SecretStr("")
+    # Without an auth token or shared secret, streams are refused unless this is true.
+    allow_unsigned: bool = False
+    # A secret the stream must carry as custom parameter `secret_parameter` (or ?token=).
+    shared_secret: SecretStr = SecretStr("")
+    secret_parameter: str = "token"
+    inbound_role: str = "customer"
+    outbound_role: str = "agent"
+    default_tracks: tuple[Literal["inbound", "outbound"], ...] = ("inbound",)
+    reorder_window_ms: int = Field(0, ge=0, le=5000)
+    l16_byte_order: Literal["little", "big"] = "little"
+    max_message_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    # A new stream of the same call (redirect) within this time continues the call (s).
+    redirect_grace_s: float = Field(2.0, ge=0, le=600)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
+            raise ValueError(f"must be a URL path starting with '/', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _tracks(self) -> MediaStreamSettings:
+        if not self.default_tracks:
+            raise ValueError("default_tracks must name at least one track")
+        return self
+
+
+class TwilioSettings(MediaStreamSettings):
+    # POST path of the TwiML helper for a number's voice webhook; "" turns it off.
+    voice_path: str = "/twilio/voice"
+    # After starting the stream, TwiML dials this number or SIP URI ("" = none) ...
+    voice_dial: str = ""
+    # ... or runs these TwiML verbs; with neither, the call waits (<Pause>) until hung up.
+    voice_then: str = ""
 
 
 class LoggingSettings(_Section):
@@ -164,6 +247,14 @@ class Settings(BaseSettings):
     stt_server: SttServerSettings = SttServerSettings()
     transcript: TranscriptSettings = TranscriptSettings()
     calls: CallSettings = CallSettings()
+    server: ServerSettings = ServerSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    telnyx: MediaStreamSettings = MediaStreamSettings(
+        path="/telnyx/stream",
+        default_tracks=("inbound", "outbound"),
+        reorder_window_ms=200,
+    )
+    signalwire: MediaStreamSettings = MediaStreamSettings(path="/signalwire/stream")
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -387,6 +387,23 @@ class Call:
     # -- results --------------------------------------------------------------------------------
 
     @property
+    def frontier_ms(self) -> int:
+        """Call time reached by the furthest channel's received audio (ms)."""
+        return max(
+            (c.clock.frontier * 1000 // c.spec.sample_rate for c in self.channels.values()),
+            default=0,
+        )
+
+    def source_timestamp(self, call_ms: int, rate: int) -> int:
+        """The media timestamp (in samples at ``rate``) that lands at ``call_ms`` on this call.
+
+        A continuing stream whose own clock restarts at 0 is placed by adding this to its
+        timestamps.
+        """
+        origin = self._origin if self._origin is not None else Fraction(0)
+        return int(origin * rate) + call_ms * rate // 1000
+
+    @property
     def duration_ms(self) -> int:
         return max((c.duration_ms for c in self.channels.values()), default=0)
 

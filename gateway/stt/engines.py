@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from gateway.config import Settings
 from gateway.stt.session import SttEngine
 
@@ -18,3 +20,50 @@ def make_engine(settings: Settings, name: str | None = None) -> SttEngine:
 
         return AssemblyAIEngine(settings.stt.assemblyai)
     raise ValueError(f"unknown STT engine {choice!r} (use local or assemblyai)")
+
+
+class EngineSet:
+    """The engines a server uses: the configured default, started up front, and any other
+    engine a call asks for, started on first use. :meth:`close` closes every started one."""
+
+    NAMES = ("local", "assemblyai")
+
+    def __init__(self, settings: Settings, *, preset: dict[str, SttEngine] | None = None) -> None:
+        """``preset`` supplies ready-made engines by name (tests, benchmarks); they are started
+        and closed like the others."""
+        self._settings = settings
+        self._engines: dict[str, SttEngine] = {}
+        self._preset = dict(preset or {})
+        self._lock = asyncio.Lock()
+        self.default = settings.stt.engine
+
+    def available(self, name: str) -> bool:
+        """Whether ``name`` can run here: local always; assemblyai with a key or a URL."""
+        if name == "local":
+            return True
+        if name == "assemblyai":
+            aai = self._settings.stt.assemblyai
+            return bool(aai.url or aai.api_key.get_secret_value() or aai.token.get_secret_value())
+        return False
+
+    async def get(self, name: str | None = None) -> SttEngine:
+        """The started engine ``name`` (default: the configured one). Raises ValueError."""
+        choice = name or self.default
+        engine = self._engines.get(choice)
+        if engine is not None:
+            return engine
+        if choice not in self._preset and not self.available(choice):
+            raise ValueError(f"STT engine {choice!r} is not available on this gateway")
+        async with self._lock:
+            engine = self._engines.get(choice)
+            if engine is None:
+                engine = self._preset.get(choice) or make_engine(self._settings, choice)
+                await engine.start()
+                self._engines[choice] = engine
+        return engine
+
+    async def close(self) -> None:
+        engines = list(self._engines.values())
+        self._engines.clear()
+        for engine in engines:
+            await engine.close()

@@ -1,0 +1,336 @@
+"""The aiohttp application behind ``gateway serve``.
+
+Routes (paths of the ingress endpoints come from config)::
+
+    GET  /twilio/stream, /telnyx/stream, /signalwire/stream   Media Streams WebSockets
+    POST /twilio/voice                                         TwiML: start a both_tracks stream
+    GET  /healthz                                              liveness + call counts
+    GET  /metrics                                              Prometheus text format
+    GET  /v1/calls, /v1/calls/{id}, /v1/calls/{id}/transcript  calls and transcripts
+
+Startup/cleanup contexts (in order): metrics, the STT engines (the default one started before
+the first request), the call registry (on cleanup: cancel and await everything it owns). A
+graceful stop is :func:`drain` (stop admitting, finish calls up to the drain timeout, end the
+rest) followed by the runner's cleanup; ``gateway serve`` does both on SIGTERM/SIGINT.
+
+The REST routes are a first cut of the API (issue 5 adds the store, live feeds and tokens with
+roles): without ``server.api_tokens`` they answer loopback clients only, since transcripts and
+phone numbers are personal data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from xml.sax.saxutils import escape, quoteattr
+
+from aiohttp import web
+
+from gateway.calls.call import Call, CallState
+from gateway.calls.live import LiveCall
+from gateway.calls.registry import CallRegistry
+from gateway.config import MediaStreamSettings, Settings
+from gateway.ingress.twilio import Dialect
+from gateway.ingress.twilio_handler import MediaStreamHandler
+from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.outputs.transcript_files import TranscriptFiles, call_document
+from gateway.stt.engines import EngineSet
+from gateway.transcript.render import FORMATS, render
+
+log = get_logger("gateway.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+ENGINES = web.AppKey("engines", EngineSet)
+REGISTRY = web.AppKey("registry", CallRegistry)
+TRANSCRIPTS = web.AppKey("transcripts", TranscriptFiles)
+
+_CONTENT_TYPES = {
+    "json": "application/json",
+    "text": "text/plain",
+    "vtt": "text/vtt",
+    "srt": "application/x-subrip",
+}
+
+
+def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.Application:
+    """The gateway application; nothing starts until the runner sets it up."""
+    app = web.Application(client_max_size=1 << 20)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[ENGINES] = engines or EngineSet(settings)
+    app[REGISTRY] = CallRegistry(
+        max_calls=settings.server.max_calls, recent=settings.server.recent_calls
+    )
+    app[TRANSCRIPTS] = TranscriptFiles(Path(settings.server.data_dir) / "transcripts")
+    app.cleanup_ctx.append(_engines_ctx)
+    app.cleanup_ctx.append(_registry_ctx)
+
+    dialects: tuple[tuple[Dialect, MediaStreamSettings], ...] = (
+        ("twilio", settings.twilio),
+        ("telnyx", settings.telnyx),
+        ("signalwire", settings.signalwire),
+    )
+    paths: set[str] = set()
+    for dialect, conf in dialects:
+        if not conf.enabled:
+            continue
+        if conf.path in paths:
+            raise ValueError(f"{dialect}.path {conf.path!r} is used by another endpoint")
+        paths.add(conf.path)
+        handler = MediaStreamHandler(
+            dialect,
+            conf,
+            settings=settings,
+            registry=app[REGISTRY],
+            engines=app[ENGINES],
+            metrics=app[METRICS],
+        )
+        app.router.add_get(conf.path, handler, name=f"{dialect}_stream")
+    if settings.twilio.enabled and settings.twilio.voice_path:
+        app.router.add_post(settings.twilio.voice_path, _twilio_voice, name="twilio_voice")
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/v1/calls", _list_calls)
+    app.router.add_get("/v1/calls/{id}", _get_call)
+    app.router.add_get("/v1/calls/{id}/transcript", _get_transcript)
+    return app
+
+
+async def drain(app: web.Application) -> None:
+    """Graceful stop: no new calls, active calls finish (bounded), everything flushed."""
+    await app[REGISTRY].drain(app[SETTINGS].server.drain_timeout_s)
+
+
+# -- contexts ------------------------------------------------------------------------------------
+
+
+async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
+    engines = app[ENGINES]
+    await engines.get()  # load the default engine (the local model) before the first call
+    try:
+        yield
+    finally:
+        await engines.close()
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry = app[REGISTRY]
+    metrics = app[METRICS]
+    files = app[TRANSCRIPTS]
+    metrics.calls_active.set_function(lambda: registry.active_count)
+
+    async def finished(live: LiveCall) -> None:
+        call = live.call
+        if call.state is CallState.NEW:
+            return  # never started (refused at start): nothing to store or count
+        outcome = "ended" if call.state is CallState.ENDED else "failed"
+        metrics.calls.labels(live.source, outcome).inc()
+        metrics.finals.labels(call.engine.name).inc(call.finals)
+        failed = sum(1 for c in call.channels.values() if c.failed)
+        if failed:
+            metrics.stt_channel_failures.labels(call.engine.name).inc(failed)
+        try:
+            path = await files.write(call)
+        except OSError as exc:
+            metrics.transcripts_written.labels("error").inc()
+            log.error("transcript.write_failed", call_id=call.call_id, error=str(exc))
+            return
+        metrics.transcripts_written.labels("ok").inc()
+        log.info("transcript.stored", call_id=call.call_id, path=str(path))
+
+    registry.on_finished(finished)
+    try:
+        yield
+    finally:
+        await registry.close()
+
+
+# -- TwiML helper ----------------------------------------------------------------------------
+
+
+def _public_base(request: web.Request, settings: Settings) -> tuple[str, str]:
+    """(scheme, host) this gateway is reached at, for URLs handed to a platform."""
+    if settings.server.public_url:
+        parts = urlsplit(settings.server.public_url)
+        return parts.scheme, parts.netloc
+    if settings.server.trust_forwarded:
+        proto = (request.headers.get("X-Forwarded-Proto") or "").split(",")[0].strip()
+        host = (request.headers.get("X-Forwarded-Host") or "").split(",")[0].strip()
+        if proto or host:
+            return proto or request.scheme, host or request.host
+    return request.scheme, request.host
+
+
+async def _twilio_voice(request: web.Request) -> web.Response:
+    """A number's voice webhook: TwiML that streams both tracks to this gateway."""
+    settings = request.app[SETTINGS]
+    conf = settings.twilio
+    form = await request.post()
+    params = {k: str(v) for k, v in form.items()}
+    token = conf.auth_token.get_secret_value()
+    signed = False
+    if token:
+        validator = TwilioSignatureValidator(
+            token,
+            public_url=settings.server.public_url,
+            trust_forwarded=settings.server.trust_forwarded,
+        )
+        failure = validator.check(
+            SignedRequest(
+                scheme=request.scheme,
+                host=request.host,
+                path=request.path,
+                query_string=request.query_string,
+                headers=request.headers,
+                params=params,
+            )
+        )
+        if failure is not None:
+            request.app[METRICS].streams_rejected.labels("twilio_voice", failure.value).inc()
+            log.warning("twiml.refused", reason=failure.value, remote=request.remote)
+            return web.Response(status=403, text=f"{failure.value}\n")
+        signed = True
+    scheme, host = _public_base(request, settings)
+    ws_scheme = "ws" if scheme in ("http", "ws") else "wss"
+    url = f"{ws_scheme}://{host}{conf.path}"
+    parameters: list[tuple[str, str]] = []
+    for name, key in (("from", "From"), ("to", "To"), ("direction", "Direction")):
+        if params.get(key):
+            parameters.append((name, params[key]))
+    secret = conf.shared_secret.get_secret_value()
+    if secret and signed:
+        # Only a request Twilio signed may learn the secret.
+        parameters.append((conf.secret_parameter, secret))
+    inner = "".join(f"<Parameter name={quoteattr(n)} value={quoteattr(v)}/>" for n, v in parameters)
+    if conf.voice_then:
+        then = conf.voice_then
+    elif conf.voice_dial:
+        target = conf.voice_dial
+        then = (
+            f"<Dial><Sip>{escape(target)}</Sip></Dial>"
+            if target.startswith(("sip:", "sips:"))
+            else f"<Dial>{escape(target)}</Dial>"
+        )
+    else:
+        then = f'<Pause length="{int(settings.calls.max_call_s)}"/>'
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<Response><Start><Stream url={quoteattr(url)} track="both_tracks">{inner}</Stream>'
+        f"</Start>{then}</Response>"
+    )
+    return web.Response(text=body, content_type="text/xml")
+
+
+# -- health, metrics -----------------------------------------------------------------------------
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    return web.json_response(
+        {
+            "status": "ok" if registry.accepting else "draining",
+            "active_calls": registry.active_count,
+        },
+        status=200 if registry.accepting else 503,
+    )
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].exposition()
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE
+    return resp
+
+
+# -- REST (first cut) ------------------------------------------------------------------------
+
+
+def _authorize(request: web.Request) -> None:
+    tokens = [t.get_secret_value() for t in request.app[SETTINGS].server.api_tokens]
+    if not tokens:
+        try:
+            loopback = ipaddress.ip_address(request.remote or "").is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise web.HTTPForbidden(
+                text="the API answers loopback clients only until server.api_tokens is set\n"
+            )
+        return
+    header = request.headers.get("Authorization", "")
+    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    if not given or not ok:
+        raise web.HTTPUnauthorized(
+            text="a valid bearer token is required\n", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _summary(call: Call) -> dict[str, Any]:
+    return {
+        "id": call.call_id,
+        "source": call.source,
+        "source_ids": dict(call.source_ids),
+        "state": call.state.value,
+        "end_reason": call.end_reason,
+        "started_at": call.started_at,
+        "ended_at": call.ended_at,
+        "duration_ms": call.duration_ms,
+        "channels": [
+            {"index": c.spec.index, "role": c.spec.role, "participant": c.spec.participant}
+            for c in call.channels.values()
+        ],
+    }
+
+
+def _find(request: web.Request) -> Call:
+    call = request.app[REGISTRY].get(request.match_info["id"])
+    if call is None:
+        raise web.HTTPNotFound(text="no such call\n")
+    return call
+
+
+async def _list_calls(request: web.Request) -> web.Response:
+    _authorize(request)
+    registry = request.app[REGISTRY]
+    calls = [live.call for live in registry.active()] + list(registry.recent())
+    state = request.query.get("state")
+    if state:
+        calls = [c for c in calls if c.state.value == state]
+    return web.json_response(
+        {"calls": [_summary(c) for c in calls], "now": time.time()}, dumps=_dumps
+    )
+
+
+async def _get_call(request: web.Request) -> web.Response:
+    _authorize(request)
+    return web.json_response(_summary(_find(request)), dumps=_dumps)
+
+
+async def _get_transcript(request: web.Request) -> web.Response:
+    _authorize(request)
+    call = _find(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise web.HTTPBadRequest(text=f"unknown format {fmt!r}; use {', '.join(FORMATS)}\n")
+    if fmt == "json":
+        return web.json_response(call_document(call), dumps=_dumps)
+    return web.Response(
+        text=render(call.transcript(), fmt), content_type=_CONTENT_TYPES.get(fmt, "text/plain")
+    )
+
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False)

@@ -1,0 +1,373 @@
+"""MediaStreamHandler: the aiohttp WebSocket shell around :class:`TwilioDecoder`.
+
+One handler per dialect path (Twilio, Telnyx, SignalWire). Per upgrade request:
+
+1. Before the upgrade: refuse with HTTP 503 while draining or at capacity, 400 for a plain HTTP
+   request, 403 for a missing or wrong ``X-Twilio-Signature`` (when an auth token is set), a
+   wrong ``?token=`` shared secret, or an unsigned stream that the config does not allow.
+2. After the upgrade: every text message goes through the decoder; the events go to the call
+   (a new :class:`LiveCall`, or the one with the same call id if this stream continues it).
+3. Bad input (anything the decoder rejects, a shared secret missing from ``start``, audio far
+   beyond real time, a continuation that does not fit) closes this one WebSocket with a close
+   code and ``reason: detail`` text, counts ``callgate_stream_errors{reason}`` and logs a
+   warning line; the call keeps what it has and other calls never notice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import time
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from gateway.calls.call import CallError, CallOptions
+from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
+from gateway.calls.registry import AdmissionRefused, CallRegistry
+from gateway.config import MediaStreamSettings, Settings
+from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
+from gateway.ingress.twilio import Dialect, TwilioDecoder, TwilioProtocolError
+from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
+from gateway.media.clock import TimestampJump
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
+from gateway.stt.engines import EngineSet
+
+log = get_logger("gateway.ingress")
+
+# Close codes for stream errors: 1009 for size, 1003 for data we cannot take, 1008 otherwise.
+_CLOSE_CODES = {
+    "message_too_large": WSCloseCode.MESSAGE_TOO_BIG,
+    "unsupported_codec": WSCloseCode.UNSUPPORTED_DATA,
+    "format_changed": WSCloseCode.UNSUPPORTED_DATA,
+}
+_ENGINE_PARAMETER = "stt_engine"
+
+
+class StreamError(Exception):
+    """This stream must close: ``reason`` is the metric token, the message the detail."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _close_text(reason: str, detail: str) -> bytes:
+    """``reason: detail`` cut to the 123 bytes a close frame can carry."""
+    text = f"{reason}: {detail}" if detail else reason
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
+class _Link:
+    """The StreamLink a LiveCall uses to close this stream's socket."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.closed_by_call: str | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_by_call = reason
+        await self.ws.close(code=code, message=_close_text(reason, ""))
+
+
+class MediaStreamHandler:
+    """aiohttp handler for one Media Streams dialect (see module docstring)."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        conf: MediaStreamSettings,
+        *,
+        settings: Settings,
+        registry: CallRegistry,
+        engines: EngineSet,
+        metrics: Metrics,
+    ) -> None:
+        self.dialect = dialect
+        self.conf = conf
+        self._settings = settings
+        self._registry = registry
+        self._engines = engines
+        self._metrics = metrics
+        token = conf.auth_token.get_secret_value()
+        self._validator = (
+            TwilioSignatureValidator(
+                token,
+                public_url=settings.server.public_url,
+                trust_forwarded=settings.server.trust_forwarded,
+            )
+            if token
+            else None
+        )
+        self._secret = conf.shared_secret.get_secret_value()
+        self._frames = metrics.media_frames.labels(dialect)
+        self._bytes = metrics.media_bytes.labels(dialect)
+        self._log = log.bind(source=dialect)
+
+    # -- before the upgrade ----------------------------------------------------------------------
+
+    def _refuse(self, request: web.Request, status: int, reason: str, detail: str) -> web.Response:
+        self._metrics.streams_rejected.labels(self.dialect, reason).inc()
+        # No headers, no query string: they may carry secrets.
+        self._log.warning(
+            "stream.refused",
+            reason=reason,
+            status=status,
+            path=request.path,
+            remote=request.remote,
+        )
+        return web.Response(status=status, text=f"{reason}: {detail}\n")
+
+    def _authenticate(self, request: web.Request) -> tuple[str, str] | None:
+        """(reason, detail) if the upgrade must be refused with 403, else None."""
+        if self._validator is not None:
+            failure = self._validator.check(
+                SignedRequest(
+                    scheme=request.scheme,
+                    host=request.host,
+                    path=request.path,
+                    query_string=request.query_string,
+                    headers=request.headers,
+                    websocket=True,
+                )
+            )
+            if failure is not None:
+                return failure.value, "X-Twilio-Signature is missing or does not match"
+        query_secret = request.query.get("token")
+        if (
+            self._secret
+            and query_secret is not None
+            and not hmac.compare_digest(query_secret.encode(), self._secret.encode())
+        ):
+            return "bad_secret", "the shared secret does not match"
+        if self._validator is None and not self._secret and not self.conf.allow_unsigned:
+            return (
+                "unsigned_refused",
+                f"no auth_token or shared_secret is configured for {self.dialect} and "
+                "allow_unsigned is false",
+            )
+        return None
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(
+            # The decoder enforces the configured limit with a clear reason; aiohttp's own cap
+            # only bounds memory for absurd frames.
+            max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
+            autoping=True,
+            compress=False,
+        )
+        if not ws.can_prepare(request).ok:
+            return self._refuse(request, 400, "not_websocket", "expected a WebSocket upgrade")
+        try:
+            self._registry.check_admission()
+        except AdmissionRefused as exc:
+            return self._refuse(request, 503, exc.reason, str(exc))
+        refused = self._authenticate(request)
+        if refused is not None:
+            return self._refuse(request, 403, *refused)
+        await ws.prepare(request)
+        self._metrics.streams.labels(self.dialect).inc()
+        await _Stream(
+            self, ws, query_secret_ok=self._secret != "" and "token" in request.query
+        ).run()
+        return ws
+
+    # -- after the upgrade -----------------------------------------------------------------------
+
+    def call_options(self) -> CallOptions:
+        s = self._settings
+        return CallOptions(
+            default_roles=s.calls.default_roles,
+            join_same_speaker=s.transcript.join_same_speaker,
+            max_join_gap_ms=s.transcript.max_join_gap_ms,
+            partials=True,
+            max_channels=s.calls.max_channels,
+            max_timestamp_jump_s=s.calls.max_timestamp_jump_s,
+            log_transcripts=s.logging.log_transcripts,
+        )
+
+    def decoder(self) -> TwilioDecoder:
+        c = self.conf
+        return TwilioDecoder(
+            self.dialect,
+            roles={"inbound": c.inbound_role, "outbound": c.outbound_role},
+            max_message_bytes=c.max_message_bytes,
+            reorder_window_ms=c.reorder_window_ms,
+            default_tracks=c.default_tracks,
+            l16_byte_order=c.l16_byte_order,
+        )
+
+
+class _Stream:
+    """One accepted WebSocket: decode, authorize at start, feed the call, close on bad input."""
+
+    def __init__(
+        self, handler: MediaStreamHandler, ws: web.WebSocketResponse, *, query_secret_ok: bool
+    ) -> None:
+        self.h = handler
+        self.ws = ws
+        self.link = _Link(ws)
+        self.decoder = handler.decoder()
+        self.live: LiveCall | None = None
+        self.placement: StreamPlacement | None = None
+        self.started_at = 0.0
+        self.query_secret_ok = query_secret_ok
+        self.log = handler._log
+        calls = handler._settings.calls
+        self.max_speed = calls.max_speed
+        self.burst_ms = calls.burst_s * 1000
+
+    async def run(self) -> None:
+        detach_reason = "disconnected"
+        try:
+            async for msg in self.ws:
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    try:
+                        done = await self._message(msg.data)
+                    except TwilioProtocolError as exc:
+                        await self._fail(exc.reason, str(exc))
+                        detach_reason = "stream_error"
+                        break
+                    except StreamError as exc:
+                        await self._fail(exc.reason, str(exc))
+                        detach_reason = "stream_error"
+                        break
+                    if done:
+                        detach_reason = "stop"
+                        await self.ws.close(code=WSCloseCode.OK, message=b"stop")
+                        break
+                elif msg.type is WSMsgType.ERROR:
+                    await self._fail("transport_error", repr(self.ws.exception()))
+                    detach_reason = "stream_error"
+                    break
+        finally:
+            await self._flush_reorder()
+            if self.live is not None:
+                self.live.detach(self.link, detach_reason)
+
+    async def _flush_reorder(self) -> None:
+        if self.live is None or self.decoder.pending_frames == 0:
+            return
+        try:
+            for event in self.decoder.flush():
+                await self._event(event)
+        except (StreamError, CallError, TimestampJump):
+            pass  # the stream is already closing; held frames of a broken stream are dropped
+
+    async def _fail(self, reason: str, detail: str) -> None:
+        h = self.h
+        h._metrics.stream_errors.labels(h.dialect, reason).inc()
+        self.log.warning(
+            "stream.closed_bad_input",
+            reason=reason,
+            detail=detail[:200],
+            call_id=self.live.call_id if self.live else None,
+            stream_id=self.decoder.stream_id,
+        )
+        if not self.ws.closed:
+            code = _CLOSE_CODES.get(reason, WSCloseCode.POLICY_VIOLATION)
+            await self.ws.close(code=code, message=_close_text(reason, detail))
+
+    async def _message(self, data: str | bytes) -> bool:
+        """Handle one message; True once the stream has said stop."""
+        events = self.decoder.receive(data)
+        for event in events:
+            if await self._event(event):
+                return True
+        return False
+
+    async def _event(self, event: IngressEvent) -> bool:
+        if isinstance(event, Audio):
+            await self._audio(event)
+            return False
+        if isinstance(event, CallStarted):
+            await self._start(event)
+            return False
+        if isinstance(event, CallEnded):
+            return True
+        if isinstance(event, Dtmf) and self.live is not None and self.placement is not None:
+            channel = self.placement.channel_map.get(event.channel, event.channel)
+            await self._call_handle(Dtmf(channel, event.digit))
+        return False
+
+    async def _audio(self, event: Audio) -> None:
+        live, placement = self.live, self.placement
+        assert live is not None and placement is not None
+        h = self.h
+        h._frames.inc()
+        h._bytes.inc(len(event.payload))
+        now = time.monotonic()
+        elapsed_ms = (now - self.started_at) * 1000
+        if self.decoder.media_ms_received > self.burst_ms + self.max_speed * elapsed_ms:
+            raise StreamError(
+                "rate_exceeded",
+                f"{self.decoder.media_ms_received / 1000:.1f} s of audio in "
+                f"{elapsed_ms / 1000:.1f} s (limit {self.max_speed}x real time + "
+                f"{self.burst_ms / 1000:.0f} s)",
+            )
+        if live.first_media_at is None:
+            live.first_media_at = now
+        await self._call_handle(placement.place(event, lambda: live.continuation_base(now)))
+
+    async def _call_handle(self, event: IngressEvent) -> None:
+        assert self.live is not None
+        try:
+            await self.live.call.handle(event)
+        except TimestampJump as exc:
+            raise StreamError("bad_timestamp", str(exc)) from None
+        except CallError as exc:
+            if self.link.closed_by_call is not None:
+                return  # the call ended under us (shutdown, max duration): nothing to report
+            raise StreamError("call_error", str(exc)) from None
+
+    async def _start(self, started: CallStarted) -> None:
+        h = self.h
+        self.started_at = time.monotonic()
+        params = started.metadata
+        secret_key = f"param.{h.conf.secret_parameter}"
+        if h._secret and not self.query_secret_ok:
+            given = params.get(secret_key)
+            if given is None:
+                raise StreamError(
+                    "missing_secret",
+                    f"start has no custom parameter {h.conf.secret_parameter!r} (shared secret)",
+                )
+            if not hmac.compare_digest(given.encode(), h._secret.encode()):
+                raise StreamError("bad_secret", "the shared secret does not match")
+        # The secret never reaches the call's metadata (stored, served by the API).
+        metadata = {k: v for k, v in params.items() if k != secret_key}
+        started = dataclasses.replace(started, metadata=metadata)
+        key = started.source_ids.get("callSid") or started.source_ids.get("call_control_id")
+        live = h._registry.find(h.dialect, key) if key else None
+        if live is not None:
+            try:
+                self.placement = live.continue_with(started, self.link)
+            except ContinuationError as exc:
+                raise StreamError(exc.reason, str(exc)) from None
+            self.live = live
+            h._metrics.stream_continuations.labels(h.dialect).inc()
+            self.log.info(
+                "stream.continues_call", call_id=live.call_id, stream_id=self.decoder.stream_id
+            )
+            return
+        engine_name = metadata.get(f"param.{_ENGINE_PARAMETER}") or None
+        try:
+            engine = await h._engines.get(engine_name)
+        except ValueError as exc:
+            raise StreamError("unknown_engine", str(exc)) from None
+        try:
+            live = h._registry.create(
+                engine,
+                h.call_options(),
+                source=h.dialect,
+                key=key,
+                grace_s=h.conf.redirect_grace_s,
+                max_call_s=h._settings.calls.max_call_s,
+            )
+        except AdmissionRefused as exc:
+            raise StreamError(exc.reason, str(exc)) from None
+        self.live = live
+        try:
+            self.placement = await live.start(started, self.link)
+        except CallError as exc:
+            raise StreamError("bad_start", str(exc)) from None

@@ -1,0 +1,81 @@
+"""Prometheus metrics, in a registry owned by the app (no global collectors).
+
+Every metric name starts with ``callgate_``. Labels are bounded sets (source dialect, reason
+tokens, outcome): never a call id, a phone number or free text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The gateway's collectors; one instance per application."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # The app binds it to its registry with set_function (no bookkeeping to drift).
+        self.calls_active = Gauge("callgate_calls_active", "Calls in progress", registry=r)
+        self.calls = Counter(
+            "callgate_calls",
+            "Calls finished, by outcome (ended, failed)",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.streams = Counter(
+            "callgate_streams", "Media streams accepted (upgrades)", ["source"], registry=r
+        )
+        self.streams_rejected = Counter(
+            "callgate_streams_rejected",
+            "Streams refused before or at start (missing_signature, bad_signature, "
+            "bad_secret, unsigned_refused, at_capacity, draining, not_websocket, ...)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.stream_errors = Counter(
+            "callgate_stream_errors",
+            "Streams closed for bad input (malformed_json, bad_base64, unknown_event, "
+            "media_before_start, message_too_large, unsupported_codec, rate_exceeded, ...)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.stream_continuations = Counter(
+            "callgate_stream_continuations",
+            "Streams that continued an existing call (same call id: a redirect)",
+            ["source"],
+            registry=r,
+        )
+        self.media_frames = Counter(
+            "callgate_media_frames", "Media frames received", ["source"], registry=r
+        )
+        self.media_bytes = Counter(
+            "callgate_media_bytes", "Media payload bytes received", ["source"], registry=r
+        )
+        self.stt_channel_failures = Counter(
+            "callgate_stt_channel_failures",
+            "Channels whose STT session failed for good",
+            ["engine"],
+            registry=r,
+        )
+        self.finals = Counter(
+            "callgate_turn_finals", "Final turns produced", ["engine"], registry=r
+        )
+        self.transcripts_written = Counter(
+            "callgate_transcripts_written",
+            "Finished-call transcripts written to the data directory, by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        self.stt_send_delay = Histogram(
+            "callgate_stt_send_delay_seconds",
+            "From the arrival of a chunk's last audio frame to the chunk on the STT socket",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        """The text format for ``GET /metrics``."""
+        return generate_latest(self.registry)
