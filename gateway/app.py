@@ -93,7 +93,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
             engines=app[ENGINES],
             metrics=app[METRICS],
         )
-        app.router.add_get(conf.path, handler, name=f"{dialect}_stream")
+        app.router.add_get(conf.path, handler.handle, name=f"{dialect}_stream")
     if settings.twilio.enabled and settings.twilio.voice_path:
         app.router.add_post(settings.twilio.voice_path, _twilio_voice, name="twilio_voice")
     app.router.add_get("/healthz", _healthz)

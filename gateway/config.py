@@ -227,6 +227,17 @@ class TwilioSettings(MediaStreamSettings):
     voice_then: str = ""
 
 
+class TelnyxSettings(MediaStreamSettings):
+    path: str = "/telnyx/stream"
+    # Telnyx's `start` names no tracks; its frame order is not guaranteed.
+    default_tracks: tuple[Literal["inbound", "outbound"], ...] = ("inbound", "outbound")
+    reorder_window_ms: int = Field(200, ge=0, le=5000)
+
+
+class SignalWireSettings(MediaStreamSettings):
+    path: str = "/signalwire/stream"
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -249,12 +260,8 @@ class Settings(BaseSettings):
     calls: CallSettings = CallSettings()
     server: ServerSettings = ServerSettings()
     twilio: TwilioSettings = TwilioSettings()
-    telnyx: MediaStreamSettings = MediaStreamSettings(
-        path="/telnyx/stream",
-        default_tracks=("inbound", "outbound"),
-        reorder_window_ms=200,
-    )
-    signalwire: MediaStreamSettings = MediaStreamSettings(path="/signalwire/stream")
+    telnyx: TelnyxSettings = TelnyxSettings()
+    signalwire: SignalWireSettings = SignalWireSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

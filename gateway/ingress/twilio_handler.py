@@ -148,7 +148,8 @@ class MediaStreamHandler:
             )
         return None
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The route handler: refuse (HTTP status) or run the stream until it closes."""
         ws = web.WebSocketResponse(
             # The decoder enforces the configured limit with a clear reason; aiohttp's own cap
             # only bounds memory for absurd frames.

@@ -1,0 +1,383 @@
+"""`gateway serve` with Twilio Media Streams over real loopback sockets (scripted recognizer).
+
+Every bad input closes only its own stream, with a close code and reason and a metric, while a
+concurrent call still completes its transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.ingress.twilio_signature import compute_signature
+from tests.gateway_server import (
+    TOKEN,
+    Closed,
+    Gateway,
+    call_messages,
+    connected,
+    hello_engine,
+    media,
+    running_gateway,
+    send_messages,
+    settings_for,
+    start,
+    stop,
+)
+
+
+def _by_role(doc: dict[str, Any]) -> dict[str, str]:
+    """Each role's words, in order (how the merger splits them into utterances aside)."""
+    out: dict[str, list[str]] = {}
+    for u in doc["utterances"]:
+        out.setdefault(u["role"], []).append(u["text"])
+    return {role: " ".join(texts) for role, texts in out.items()}
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def _good_call(gw: Gateway, call_sid: str) -> dict[str, Any]:
+    closed = await send_messages(gw.ws(), call_messages(call_sid, 2.0))
+    assert (closed.code, closed.reason) == (1000, "stop")
+    await gw.idle()
+    return await gw.transcript(call_sid)
+
+
+async def test_signed_stream_is_transcribed_stored_and_listed(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    async with running_gateway(settings, hello_engine()) as gw:
+        closed = await send_messages(
+            gw.ws(), call_messages("CA0001", 2.0, params={"agent_id": "42", "FirstName": "Jane"})
+        )
+        assert (closed.code, closed.reason) == (1000, "stop")
+        await gw.idle()
+        doc = await gw.transcript("CA0001")
+        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert doc["state"] == "ended"
+        assert doc["source"] == "twilio"
+        assert doc["source_ids"]["callSid"] == "CA0001"
+        assert doc["metadata"]["param.agent_id"] == "42"
+        assert doc["duration_ms"] == 2000
+        # The stored file is the same document.
+        assert gw.stored(doc["call_id"]) == doc
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{gw.http}/v1/calls") as resp,
+        ):
+            listed = await resp.json()
+        assert [c["source_ids"]["callSid"] for c in listed["calls"]] == ["CA0001"]
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{gw.http}/v1/calls/CA0001/transcript?format=text") as resp,
+        ):
+            text = await resp.text()
+        assert text.splitlines()[0] == "[00:00.1] customer: hello there"
+        metrics = await gw.metrics()
+        assert _metric(metrics, "callgate_calls_total", source="twilio", outcome="ended") == 1
+        assert _metric(metrics, "callgate_media_frames_total", source="twilio") == 200
+
+
+async def test_roles_and_participants_from_custom_parameters(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        params = {
+            "inbound_role": "agent",
+            "outbound_role": "customer",
+            "inbound_participant": "Ann",
+        }
+        await send_messages(gw.ws(), call_messages("CA0002", 1.0, params=params))
+        await gw.idle()
+        doc = await gw.transcript("CA0002")
+        assert [(c["index"], c["role"], c["participant"]) for c in doc["channels"]] == [
+            (0, "agent", "Ann"),
+            (1, "customer", None),
+        ]
+
+
+# -- signatures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "headers"),
+    [
+        ("missing header", {"X-Twilio-Signature": ""}),
+        ("wrong token", {"X-Twilio-Signature": "WRONG"}),
+        ("changed path", {"X-Twilio-Signature": "OTHER_PATH"}),
+    ],
+)
+async def test_bad_signature_is_refused_with_403(
+    tmp_path: Path, case: str, headers: dict[str, str]
+) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        url = gw.ws()
+        if headers["X-Twilio-Signature"] == "WRONG":
+            headers = {"X-Twilio-Signature": compute_signature("not-the-token", url)}
+        elif headers["X-Twilio-Signature"] == "OTHER_PATH":
+            headers = {"X-Twilio-Signature": compute_signature(TOKEN, gw.ws("/twilio/other"))}
+        closed = await send_messages(url, call_messages("CA0003", 0.2), headers=headers, token=None)
+        assert closed.status == 403, case
+        reason = "missing_signature" if case == "missing header" else "bad_signature"
+        assert _metric(await gw.metrics(), "callgate_streams_rejected_total", reason=reason) == 1
+        assert gw.registry.active_count == 0
+        assert list(gw.registry.recent()) == []
+
+
+async def test_signature_over_the_public_url_behind_a_proxy(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        public = "wss://gw.example.com/twilio/stream"
+        headers = {
+            "X-Twilio-Signature": compute_signature(TOKEN, public),
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "gw.example.com",
+        }
+        closed = await send_messages(gw.ws(), call_messages("CA0004", 0.5), headers=headers)
+        assert (closed.code, closed.reason) == (1000, "stop")
+        # Without the proxy headers the same signature is for another URL.
+        closed = await send_messages(
+            gw.ws(),
+            call_messages("CA0005", 0.5),
+            headers={"X-Twilio-Signature": headers["X-Twilio-Signature"]},
+        )
+        assert closed.status == 403
+
+
+async def test_unsigned_streams_need_allow_unsigned(tmp_path: Path) -> None:
+    refuse = settings_for(tmp_path, twilio={"auth_token": ""})
+    async with running_gateway(refuse, hello_engine()) as gw:
+        closed = await send_messages(gw.ws(), call_messages("CA0006", 0.2), token=None)
+        assert closed.status == 403
+        assert (
+            _metric(
+                await gw.metrics(), "callgate_streams_rejected_total", reason="unsigned_refused"
+            )
+            == 1
+        )
+    allow = settings_for(tmp_path, twilio={"auth_token": "", "allow_unsigned": True})
+    async with running_gateway(allow, hello_engine()) as gw:
+        doc = await _good_call_unsigned(gw, "CA0007")
+        assert _by_role(doc)["customer"] == "hello there goodbye"
+
+
+async def _good_call_unsigned(gw: Gateway, call_sid: str) -> dict[str, Any]:
+    closed = await send_messages(gw.ws(), call_messages(call_sid, 2.0), token=None)
+    assert (closed.code, closed.reason) == (1000, "stop")
+    await gw.idle()
+    return await gw.transcript(call_sid)
+
+
+async def test_shared_secret_parameter(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, telnyx={"allow_unsigned": False, "shared_secret": "s3cret-value"}
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws("/telnyx/stream")
+        missing = await send_messages(url, call_messages("CA0008", 0.5), token=None)
+        assert missing.code == 1008
+        assert missing.reason.startswith("missing_secret")
+        wrong = await send_messages(
+            url, call_messages("CA0009", 0.5, params={"token": "nope"}), token=None
+        )
+        assert (wrong.code, wrong.reason.split(":")[0]) == (1008, "bad_secret")
+        refused = await send_messages(url + "?token=nope", call_messages("CA0010", 0.5), token=None)
+        assert refused.status == 403
+        ok = await send_messages(
+            url, call_messages("CA0011", 1.0, params={"token": "s3cret-value"}), token=None
+        )
+        assert (ok.code, ok.reason) == (1000, "stop")
+        await gw.idle()
+        doc = await gw.transcript("CA0011")
+        assert "param.token" not in doc["metadata"]  # the secret is never stored
+        assert "s3cret-value" not in json.dumps(doc)
+
+
+# -- bad input: one stream closes, the other call completes ------------------------------------
+
+_HUGE = json.dumps({"event": "media", "media": {"payload": "A" * 70_000}})
+
+
+def _bad(name: str) -> list[str]:
+    head = [connected(), start("CABAD")]
+    if name == "malformed_json":
+        return [*head, media("inbound", 0), '{"event": "media", "media": {']
+    if name == "bad_base64":
+        msg = json.loads(media("inbound", 20))
+        msg["media"]["payload"] = "not*base64!"
+        return [*head, media("inbound", 0), json.dumps(msg)]
+    if name == "unknown_event":
+        return [*head, json.dumps({"event": "dance", "streamSid": "MZ1"})]
+    if name == "media_before_start":
+        return [connected(), media("inbound", 0)]
+    if name == "message_too_large":
+        return [*head, _HUGE]
+    if name == "unsupported_codec":
+        return [connected(), start("CABAD", encoding="audio/opus", rate=48000)]
+    if name == "rate_exceeded":
+        return [*head, *(media("inbound", i * 20, seq=i + 2) for i in range(1500))]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("malformed_json", 1008),
+        ("bad_base64", 1008),
+        ("unknown_event", 1008),
+        ("media_before_start", 1008),
+        ("message_too_large", 1009),
+        ("unsupported_codec", 1003),
+        ("rate_exceeded", 1008),
+    ],
+)
+async def test_bad_input_closes_only_its_stream(tmp_path: Path, name: str, code: int) -> None:
+    settings = settings_for(tmp_path, calls={"max_speed": 1.5, "burst_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        good_task = asyncio.create_task(
+            send_messages(gw.ws(), call_messages("CAGOOD", 2.0), interval_s=0.002)
+        )
+        bad: Closed = await send_messages(gw.ws(), _bad(name))
+        good = await good_task
+        assert bad.code == code, bad
+        assert bad.reason.startswith(f"{name}: "), bad.reason
+        assert (good.code, good.reason) == (1000, "stop")
+        await gw.idle()
+        doc = await gw.transcript("CAGOOD")
+        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        metrics = await gw.metrics()
+        assert _metric(metrics, "callgate_stream_errors_total", source="twilio", reason=name) == 1
+        assert _metric(metrics, "callgate_calls_total", source="twilio", outcome="failed") == 0
+
+
+async def test_a_bad_stream_keeps_the_audio_it_delivered(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        messages = call_messages("CAKEEP", 1.0)[:-1] + ['{"event": "media", "media": {']
+        closed = await send_messages(gw.ws(), messages)
+        assert closed.code == 1008
+        await gw.idle()
+        doc = await gw.transcript("CAKEEP")
+        assert doc["end_reason"] == "stream_error"
+        assert _by_role(doc) == {"customer": "hello there", "agent": "hello there"}
+
+
+# -- redirects, TwiML, drain ----------------------------------------------------------------------
+
+
+async def test_a_second_stream_with_the_same_call_sid_continues_the_call(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, twilio={"redirect_grace_s": 3.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        first = await send_messages(gw.ws(), call_messages("CAREDIR", 1.0))
+        assert first.code == 1000
+        second = call_messages(
+            "CAREDIR", 1.0, stream_sid="MZ00000000000000000000000000000002"
+        )  # its timestamps restart at 0
+        assert (await send_messages(gw.ws(), second)).code == 1000
+        assert gw.registry.active_count == 1  # lingering for another continuation
+        await gw.idle(timeout=10)
+        calls = list(gw.registry.recent())
+        assert len(calls) == 1
+        doc = await gw.transcript("CAREDIR")
+        assert doc["duration_ms"] == 2000
+        # "goodbye" (1.2-1.5 s of the session's audio) comes from the second stream.
+        assert _by_role(doc)["customer"] == "hello there goodbye"
+        assert _metric(await gw.metrics(), "callgate_stream_continuations_total") == 1
+
+
+async def test_twiml_helper_starts_a_both_tracks_stream(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path,
+        server={"public_url": "https://gw.example.com"},
+        twilio={"voice_dial": "+15550001111"},
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        form = {"CallSid": "CA0012", "From": "+15551234567", "To": "+15557654321"}
+        url = "https://gw.example.com/twilio/voice"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{gw.http}/twilio/voice",
+                data=form,
+                headers={"X-Twilio-Signature": compute_signature(TOKEN, url, form)},
+            ) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/xml"
+                body = await resp.text()
+            async with s.post(f"{gw.http}/twilio/voice", data=form) as resp:
+                assert resp.status == 403
+        root = ET.fromstring(body)
+        stream = root.find("./Start/Stream")
+        assert stream is not None
+        assert stream.attrib == {
+            "url": "wss://gw.example.com/twilio/stream",
+            "track": "both_tracks",
+        }
+        params = {p.attrib["name"]: p.attrib["value"] for p in stream.findall("Parameter")}
+        assert params["from"] == "+15551234567"
+        assert root.findtext("./Dial") == "+15550001111"
+
+
+async def test_drain_ends_active_calls_and_flushes_their_transcripts(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, server={"drain_timeout_s": 0.3})
+    async with running_gateway(settings, hello_engine()) as gw:
+        # 1.8 s of a call, then the stream stays open (no stop): only the drain ends it.
+        messages = call_messages("CADRAIN", 1.8)[:-1]
+        sender = asyncio.create_task(send_messages(gw.ws(), messages))
+        while not gw.registry.active_count or gw.registry.get("CADRAIN") is None:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        from gateway.app import drain
+
+        await drain(gw.app)
+        closed = await sender
+        assert closed.code == 1001
+        assert closed.reason == "shutdown"
+        doc = gw.stored(gw.registry.get("CADRAIN").call_id)  # type: ignore[union-attr]
+        assert doc["end_reason"] == "shutdown"
+        assert _by_role(doc)["customer"] == "hello there goodbye"
+        # No new streams while draining.
+        refused = await send_messages(gw.ws(), call_messages("CALATE", 0.2))
+        assert refused.status == 503
+
+
+async def test_capacity_limit_refuses_with_503(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, server={"max_calls": 1})
+    async with running_gateway(settings, hello_engine()) as gw:
+        messages = call_messages("CAFULL1", 1.0)[:-1]
+        sender = asyncio.create_task(send_messages(gw.ws(), messages, interval_s=0.01))
+        while not gw.registry.active_count:
+            await asyncio.sleep(0.01)
+        refused = await send_messages(gw.ws(), call_messages("CAFULL2", 0.2))
+        assert refused.status == 503
+        assert (
+            _metric(await gw.metrics(), "callgate_streams_rejected_total", reason="at_capacity")
+            == 1
+        )
+        sender.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+
+
+def test_close_reason_fits_a_close_frame() -> None:
+    from gateway.ingress.twilio_handler import _close_text
+
+    text = _close_text("bad_message", "é" * 200)
+    assert len(text) <= 123
+    text.decode("utf-8")
+    assert re.match(rb"^bad_message: ", text)
+
+
+def test_payload_helper_is_base64() -> None:
+    msg = json.loads(media("inbound", 0, b"\x00\x01"))
+    assert base64.b64decode(msg["media"]["payload"]) == b"\x00\x01"
+    assert json.loads(stop("CA1"))["event"] == "stop"
