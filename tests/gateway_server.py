@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,15 @@ from gateway.stt.session import SttEngine
 TOKEN = "test-auth-token-0123456789abcdef"
 
 
+async def poll_until(condition: Callable[[], bool], within_s: float = 20.0) -> None:
+    """Wait until ``condition()`` holds; TimeoutError after ``within_s``."""
+    for _ in range(int(within_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"condition not met within {within_s} s")
+
+
 @dataclass
 class Gateway:
     app: web.Application
@@ -42,14 +51,9 @@ class Gateway:
     def registry(self) -> CallRegistry:
         return self.app[REGISTRY]
 
-    async def idle(self, timeout: float = 20.0) -> None:
+    async def idle(self, within_s: float = 20.0) -> None:
         """Wait until no call is active (every finished call stored)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.registry.active_count:
-            if loop.time() > deadline:
-                raise TimeoutError(f"{self.registry.active_count} calls still active")
-            await asyncio.sleep(0.05)
+        await poll_until(lambda: self.registry.active_count == 0, within_s)
 
     async def transcript(self, call_sid: str) -> dict[str, Any]:
         async with (

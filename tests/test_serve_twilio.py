@@ -25,6 +25,7 @@ from tests.gateway_server import (
     call_messages,
     connected,
     hello_engine,
+    poll_until,
     media,
     running_gateway,
     send_messages,
@@ -285,7 +286,7 @@ async def test_a_second_stream_with_the_same_call_sid_continues_the_call(tmp_pat
         )  # its timestamps restart at 0
         assert (await send_messages(gw.ws(), second)).code == 1000
         assert gw.registry.active_count == 1  # lingering for another continuation
-        await gw.idle(timeout=10)
+        await gw.idle(within_s=10)
         calls = list(gw.registry.recent())
         assert len(calls) == 1
         doc = await gw.transcript("CAREDIR")
@@ -333,8 +334,7 @@ async def test_drain_ends_active_calls_and_flushes_their_transcripts(tmp_path: P
         # 1.8 s of a call, then the stream stays open (no stop): only the drain ends it.
         messages = call_messages("CADRAIN", 1.8)[:-1]
         sender = asyncio.create_task(send_messages(gw.ws(), messages))
-        while not gw.registry.active_count or gw.registry.get("CADRAIN") is None:
-            await asyncio.sleep(0.01)
+        await poll_until(lambda: gw.registry.get("CADRAIN") is not None)
         await asyncio.sleep(0.3)
         from gateway.app import drain
 
@@ -355,8 +355,7 @@ async def test_capacity_limit_refuses_with_503(tmp_path: Path) -> None:
     async with running_gateway(settings, hello_engine()) as gw:
         messages = call_messages("CAFULL1", 1.0)[:-1]
         sender = asyncio.create_task(send_messages(gw.ws(), messages, interval_s=0.01))
-        while not gw.registry.active_count:
-            await asyncio.sleep(0.01)
+        await poll_until(lambda: gw.registry.active_count > 0)
         refused = await send_messages(gw.ws(), call_messages("CAFULL2", 0.2))
         assert refused.status == 503
         assert (
