@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Transcribe the sample call with the embedded engine (no network, no key).
+# The demo: `gateway serve` on the embedded engine (no network, no key), the sample call streamed
+# through its own Twilio endpoint as Twilio would, the transcript printed live; the server keeps
+# running for real calls until Ctrl-C.
 run: $(STAMP)
-	$(BIN)/gateway --config config/gateway.toml transcribe samples/diane_sheila.wav \
-		--roles customer,agent --speakers Diane,Sheila
+	$(BIN)/gateway --config config/gateway.toml serve --demo samples/diane_sheila.wav \
+		--demo-param inbound_participant=Diane --demo-param outbound_participant=Sheila
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,11 +114,23 @@ async def drain(app: web.Application) -> None:
 
 async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
     engines = app[ENGINES]
+    delay = app[METRICS].stt_send_delay
+
+    def chunk_sent(_first_s: float, last_s: float) -> None:
+        delay.observe(last_s)
+
+    engines.on_started(lambda engine: _hook_send_delay(engine, chunk_sent))
     await engines.get()  # load the default engine (the local model) before the first call
     try:
         yield
     finally:
         await engines.close()
+
+
+def _hook_send_delay(engine: object, hook: Callable[[float, float], None]) -> None:
+    # Engines that stream to a socket (the AssemblyAI client) report each chunk's delay.
+    if hasattr(engine, "on_chunk_sent"):
+        engine.on_chunk_sent = hook
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:

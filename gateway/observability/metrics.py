@@ -72,7 +72,27 @@ class Metrics:
         self.stt_send_delay = Histogram(
             "callgate_stt_send_delay_seconds",
             "From the arrival of a chunk's last audio frame to the chunk on the STT socket",
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            buckets=(
+                0.0005,
+                0.001,
+                0.002,
+                0.003,
+                0.005,
+                0.0075,
+                0.01,
+                0.015,
+                0.02,
+                0.03,
+                0.05,
+                0.075,
+                0.1,
+                0.15,
+                0.2,
+                0.3,
+                0.5,
+                1.0,
+                2.0,
+            ),
             registry=r,
         )
 

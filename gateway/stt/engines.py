@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from gateway.config import Settings
 from gateway.stt.session import SttEngine
@@ -34,8 +35,13 @@ class EngineSet:
         self._settings = settings
         self._engines: dict[str, SttEngine] = {}
         self._preset = dict(preset or {})
+        self._started_hooks: list[Callable[[SttEngine], None]] = []
         self._lock = asyncio.Lock()
         self.default = settings.stt.engine
+
+    def on_started(self, hook: Callable[[SttEngine], None]) -> None:
+        """``hook(engine)`` runs once for each engine as it starts (instrumentation)."""
+        self._started_hooks.append(hook)
 
     def available(self, name: str) -> bool:
         """Whether ``name`` can run here: local always; assemblyai with a key or a URL."""
@@ -59,6 +65,8 @@ class EngineSet:
             if engine is None:
                 engine = self._preset.get(choice) or make_engine(self._settings, choice)
                 await engine.start()
+                for hook in self._started_hooks:
+                    hook(engine)
                 self._engines[choice] = engine
         return engine
 
