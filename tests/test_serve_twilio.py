@@ -380,3 +380,91 @@ def test_payload_helper_is_base64() -> None:
     msg = json.loads(media("inbound", 0, b"\x00\x01"))
     assert base64.b64decode(msg["media"]["payload"]) == b"\x00\x01"
     assert json.loads(stop("CA1"))["event"] == "stop"
+
+
+# -- Telnyx and SignalWire dialects ---------------------------------------------------------------
+
+
+def _telnyx_call(call_control_id: str, seconds: float, order: list[int]) -> list[str]:
+    """A Telnyx both-tracks PCMU stream; media frames sent in the slot ``order`` given."""
+    stream_id = "32DE0DEA-53CB-4B21-89A4-9E1819C043BC"
+    out = [
+        json.dumps({"event": "connected", "version": "1.0.0"}),
+        json.dumps(
+            {
+                "event": "start",
+                "sequence_number": "1",
+                "start": {
+                    "call_control_id": call_control_id,
+                    "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+                },
+                "stream_id": stream_id,
+            }
+        ),
+    ]
+    slots = int(seconds * 50)
+    assert sorted(order) == list(range(slots))
+    payload = base64.b64encode(b"\xff" * 160).decode()
+    seq = 2
+    for slot in order:
+        for track in ("inbound", "outbound"):
+            out.append(
+                json.dumps(
+                    {
+                        "event": "media",
+                        "sequence_number": str(seq),
+                        "media": {
+                            "track": track,
+                            "chunk": str(seq),
+                            "timestamp": str(slot * 20),
+                            "payload": payload,
+                        },
+                        "stream_id": stream_id,
+                    }
+                )
+            )
+            seq += 1
+    out.append(
+        json.dumps(
+            {
+                "event": "stop",
+                "sequence_number": str(seq),
+                "stop": {"call_control_id": call_control_id},
+                "stream_id": stream_id,
+            }
+        )
+    )
+    return out
+
+
+async def test_telnyx_frames_out_of_order_are_put_back_in_order(tmp_path: Path) -> None:
+    # Swap neighbouring slots all through the call: every frame arrives 20 ms out of place.
+    order = list(range(100))
+    for i in range(0, 100, 2):
+        order[i], order[i + 1] = order[i + 1], order[i]
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        closed = await send_messages(
+            gw.ws("/telnyx/stream"), _telnyx_call("v2:T02llQxIyaRkh", 2.0, order), token=None
+        )
+        assert (closed.code, closed.reason) == (1000, "stop")
+        await gw.idle()
+        doc = await gw.transcript("v2:T02llQxIyaRkh")
+        assert doc["source"] == "telnyx"
+        assert doc["duration_ms"] == 2000
+        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        call = gw.registry.get("v2:T02llQxIyaRkh")
+        assert call is not None
+        assert sum(c.clock.late_frames for c in call.channels.values()) == 0
+        assert sum(c.filled_ms for c in call.channels.values()) == 0
+
+
+async def test_signalwire_path_takes_the_twilio_wire_format(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        closed = await send_messages(
+            gw.ws("/signalwire/stream"), call_messages("CASW01", 2.0), token=None
+        )
+        assert (closed.code, closed.reason) == (1000, "stop")
+        await gw.idle()
+        doc = await gw.transcript("CASW01")
+        assert doc["source"] == "signalwire"
+        assert _by_role(doc)["agent"] == "hello there goodbye"
