@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
 
+    from gateway.simulate import cli as simulate_cli
+
+    simulate_cli.register(sub, [common])
+
     sub.add_parser(
         "check-config", parents=[common], help="validate the configuration and print it as JSON"
     )
@@ -134,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stt_server(args, settings)
         if args.command == "serve":
             return _serve(args, settings)
+        if args.command == "simulate":
+            from gateway.simulate import cli as simulate_cli
+
+            return simulate_cli.run(args)
     except ConfigError as exc:
         print(f"gateway: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -404,12 +412,15 @@ async def _run_server(
 
     from gateway.app import REGISTRY, drain, make_app
 
-    demo_token = ""
-    if demo is not None and not settings.twilio.auth_token.get_secret_value():
+    demo_token = settings.twilio.auth_token.get_secret_value()
+    if demo is not None and not demo_token:
         # The demo signs its stream like Twilio would, with a token made up for this run.
         demo_token = secrets.token_hex(16)
         twilio = settings.twilio.model_copy(update={"auth_token": SecretStr(demo_token)})
         settings = settings.model_copy(update={"twilio": twilio})
+    secret = settings.twilio.shared_secret.get_secret_value()
+    if demo is not None and secret:
+        demo_params = {settings.twilio.secret_parameter: secret, **demo_params}
     app = make_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     print("callgate: loading the speech engine ...", file=sys.stderr, flush=True)

@@ -30,8 +30,8 @@ class EngineSet:
     NAMES = ("local", "assemblyai")
 
     def __init__(self, settings: Settings, *, preset: dict[str, SttEngine] | None = None) -> None:
-        """``preset`` supplies ready-made engines by name (tests, benchmarks); they are started
-        and closed like the others."""
+        """``preset`` supplies ready-made engines by name (tests, benchmarks): started on first
+        use like the others, but closed by whoever made them, not by :meth:`close`."""
         self._settings = settings
         self._engines: dict[str, SttEngine] = {}
         self._preset = dict(preset or {})
@@ -71,7 +71,7 @@ class EngineSet:
         return engine
 
     async def close(self) -> None:
-        engines = list(self._engines.values())
+        engines = [e for n, e in self._engines.items() if self._preset.get(n) is not e]
         self._engines.clear()
         for engine in engines:
             await engine.close()
