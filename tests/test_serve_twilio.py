@@ -468,3 +468,24 @@ async def test_signalwire_path_takes_the_twilio_wire_format(tmp_path: Path) -> N
         doc = await gw.transcript("CASW01")
         assert doc["source"] == "signalwire"
         assert _by_role(doc)["agent"] == "hello there goodbye"
+
+
+async def test_max_call_duration_ends_the_call_and_closes_its_stream(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, calls={"max_call_s": 0.5})
+    async with running_gateway(settings, hello_engine()) as gw:
+        messages = call_messages("CALONG", 3.0)[:-1]
+        closed = await send_messages(gw.ws(), messages, interval_s=0.005)
+        assert (closed.code, closed.reason) == (1000, "max_duration")
+        await gw.idle()
+        doc = await gw.transcript("CALONG")
+        assert doc["end_reason"] == "max_duration"
+        assert doc["state"] == "ended"
+
+
+async def test_unknown_engine_parameter_closes_the_stream(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        params = {"stt_engine": "assemblyai"}  # no key or URL configured here
+        closed = await send_messages(gw.ws(), call_messages("CAENG", 0.5, params=params))
+        assert closed.code == 1008
+        assert closed.reason.startswith("unknown_engine: ")
+        assert gw.registry.active_count == 0
