@@ -489,3 +489,18 @@ async def test_unknown_engine_parameter_closes_the_stream(tmp_path: Path) -> Non
         assert closed.code == 1008
         assert closed.reason.startswith("unknown_engine: ")
         assert gw.registry.active_count == 0
+
+
+async def test_a_continuation_in_another_format_is_refused(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, twilio={"redirect_grace_s": 3.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        assert (await send_messages(gw.ws(), call_messages("CAFMT", 1.0))).code == 1000
+        alaw = call_messages(
+            "CAFMT", 1.0, stream_sid="MZ00000000000000000000000000000002", encoding="audio/x-alaw"
+        )
+        closed = await send_messages(gw.ws(), alaw)
+        assert closed.code == 1003
+        assert closed.reason.startswith("format_changed: ")
+        await gw.idle(within_s=10)
+        doc = await gw.transcript("CAFMT")
+        assert doc["duration_ms"] == 1000  # the first stream's audio is kept, nothing else

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from gateway.calls.call import Call, CallState
 from gateway.ingress.events import Audio, CallStarted
+from gateway.media.codec import Codec
 from gateway.observability.logging import get_logger
 
 log = get_logger("gateway.live")
@@ -105,7 +106,7 @@ class LiveCall:
         self._streams: set[StreamLink] = set()
         self._tracks: tuple[str, ...] = ()
         self._rate = 8000
-        self._codec: object = None
+        self._codec: Codec | None = None
         self._linger: asyncio.Task[None] | None = None
         self._ender: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
@@ -143,7 +144,7 @@ class LiveCall:
                 raise ContinuationError(
                     "format_changed",
                     f"continuation stream is {spec.codec.value}/{spec.sample_rate} Hz, the call "
-                    f"is {getattr(self._codec, 'value', self._codec)}/{self._rate} Hz",
+                    f"is {self._codec.value if self._codec else '?'}/{self._rate} Hz",
                 )
             if track not in self._tracks:
                 raise ContinuationError(
