@@ -465,12 +465,28 @@ async def _run_server(
 
     demo_task: asyncio.Task[None] | None = None
     if demo is not None:
+        from gateway.calls.live import LiveCall
         from gateway.outputs.console import ConsoleTranscript
+        from gateway.simulate.twilio import new_call_sid
 
-        app[REGISTRY].add_listener(ConsoleTranscript(sys.stdout))
+        registry = app[REGISTRY]
+        registry.add_listener(ConsoleTranscript(sys.stdout))
+        demo_sid = new_call_sid()
+
+        async def demo_finished(live: LiveCall) -> None:
+            if live.call.source_ids.get("callSid") == demo_sid:
+                print(
+                    f"callgate: demo call done: GET {base}/v1/calls/{demo_sid}/transcript; "
+                    "the gateway keeps running for real calls (Ctrl-C stops)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        registry.on_finished(demo_finished)
         url = f"ws://127.0.0.1:{bound}{settings.twilio.path}"
         demo_task = asyncio.create_task(
-            _play_demo(url, demo, demo_token or None, demo_speed, demo_params), name="demo"
+            _play_demo(url, demo, demo_token or None, demo_speed, demo_params, demo_sid),
+            name="demo",
         )
     try:
         await stop.wait()
@@ -488,14 +504,14 @@ async def _run_server(
 
 
 async def _play_demo(
-    url: str, wav: Path, token: str | None, speed: float, params: dict[str, str]
+    url: str, wav: Path, token: str | None, speed: float, params: dict[str, str], call_sid: str
 ) -> None:
     from gateway.simulate.twilio import SimulationOptions, simulate_call
 
     result = await simulate_call(
         url,
         wav,
-        SimulationOptions(speed=speed, custom_parameters=params),
+        SimulationOptions(speed=speed, custom_parameters=params, call_sid=call_sid),
         auth_token=token,
     )
     if not result.completed:
@@ -504,8 +520,3 @@ async def _play_demo(
             file=sys.stderr,
             flush=True,
         )
-    print(
-        "callgate: demo call streamed; the gateway keeps running for real calls (Ctrl-C stops)",
-        file=sys.stderr,
-        flush=True,
-    )
