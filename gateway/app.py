@@ -14,7 +14,7 @@ graceful stop is :func:`drain` (stop admitting, finish calls up to the drain tim
 rest) followed by the runner's cleanup; ``gateway serve`` does both on SIGTERM/SIGINT.
 
 The REST routes are a first cut of the API (issue 5 adds the store, live feeds and tokens with
-roles): without ``server.api_tokens`` they answer loopback clients only, since transcripts and
+roles): without ``api.tokens`` they answer loopback clients only, since transcripts and
 phone numbers are personal data.
 """
 
@@ -266,7 +266,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def _authorize(request: web.Request) -> None:
-    tokens = [t.get_secret_value() for t in request.app[SETTINGS].server.api_tokens]
+    api = request.app[SETTINGS].api
+    tokens = [t.get_secret_value() for t in (*api.tokens, *api.admin_tokens)]
     if not tokens:
         try:
             loopback = ipaddress.ip_address(request.remote or "").is_loopback
@@ -274,7 +275,7 @@ def _authorize(request: web.Request) -> None:
             loopback = False
         if not loopback:
             raise web.HTTPForbidden(
-                text="the API answers loopback clients only until server.api_tokens is set\n"
+                text="the API answers loopback clients only until api.tokens is set\n"
             )
         return
     header = request.headers.get("Authorization", "")

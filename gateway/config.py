@@ -172,8 +172,6 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(30.0, ge=0, le=86400)
     data_dir: str = "data"
     recent_calls: int = Field(1000, ge=0, le=1000000)
-    # Bearer tokens for the REST API; none = the API answers loopback clients only.
-    api_tokens: tuple[SecretStr, ...] = ()
 
     @field_validator("public_url")
     @classmethod
@@ -227,6 +225,63 @@ class TwilioSettings(MediaStreamSettings):
     voice_then: str = ""
 
 
+class ApiSettings(_Section):
+    """REST API and live feeds: bearer tokens (read-only and admin) and CORS."""
+
+    # Read-only tokens: GET routes and live feeds. Admin tokens may also DELETE.
+    tokens: tuple[SecretStr, ...] = ()
+    admin_tokens: tuple[SecretStr, ...] = ()
+    # With no token at all, the API answers loopback clients only.
+    cors_origins: tuple[str, ...] = ()
+    # /metrics and /healthz without a token.
+    open_metrics: bool = True
+
+
+class StoreSettings(_Section):
+    # SQLite file; "" = DATA_DIR/callgate.sqlite3.
+    path: str = ""
+    # Finished calls older than this are deleted (days); 0 keeps them forever.
+    retention_days: float = Field(30.0, ge=0, le=36500)
+
+
+class LiveSettings(_Section):
+    # Events queued for one slow subscriber before it is disconnected.
+    queue_limit: int = Field(1000, ge=10, le=1000000)
+    # A comment line (SSE) / ping (WebSocket) this often on an idle feed (s).
+    keepalive_s: float = Field(15.0, gt=0, le=3600)
+    # Recent events of all calls kept for the firehose's resume.
+    firehose_buffer: int = Field(10000, ge=100, le=10000000)
+
+
+class WebhookSettings(_Section):
+    urls: tuple[str, ...] = ()
+    # HMAC-SHA256 key for X-Callgate-Signature; required when urls are set.
+    secret: SecretStr = SecretStr("")
+    # What is delivered: call.ended (the whole transcript) and optionally each turn.final.
+    events: tuple[Literal["call.ended", "turn.final"], ...] = ("call.ended",)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+    backoff_initial_s: float = Field(2.0, gt=0, le=3600)
+    backoff_max_s: float = Field(600.0, gt=0, le=86400)
+    # Undelivered this long after the event: dead-lettered (s).
+    give_up_after_s: float = Field(86400.0, gt=0, le=30 * 86400)
+    concurrency: int = Field(4, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _secret(self) -> WebhookSettings:
+        for url in self.urls:
+            if not re.fullmatch(r"https?://\S+", url):
+                raise ValueError(f"urls: {url!r} is not an http(s) URL")
+        if self.urls and not self.secret.get_secret_value():
+            raise ValueError("secret: required when webhook urls are set")
+        return self
+
+
+class RecordingSettings(_Section):
+    enabled: bool = False
+    # "" = DATA_DIR/recordings.
+    dir: str = ""
+
+
 class TelnyxSettings(MediaStreamSettings):
     path: str = "/telnyx/stream"
     # Telnyx's `start` names no tracks; its frame order is not guaranteed.
@@ -259,6 +314,11 @@ class Settings(BaseSettings):
     transcript: TranscriptSettings = TranscriptSettings()
     calls: CallSettings = CallSettings()
     server: ServerSettings = ServerSettings()
+    api: ApiSettings = ApiSettings()
+    store: StoreSettings = StoreSettings()
+    live: LiveSettings = LiveSettings()
+    webhooks: WebhookSettings = WebhookSettings()
+    recording: RecordingSettings = RecordingSettings()
     twilio: TwilioSettings = TwilioSettings()
     telnyx: TelnyxSettings = TelnyxSettings()
     signalwire: SignalWireSettings = SignalWireSettings()
