@@ -20,18 +20,17 @@ phone numbers are personal data.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
 from aiohttp import web
 
-from gateway.calls.call import Call, CallState
+from gateway.api import routes as api
+from gateway.api.auth import ApiAuth, cors_middleware
+from gateway.api.routes import add_routes
+from gateway.calls.call import CallState
 from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
@@ -40,9 +39,9 @@ from gateway.ingress.twilio_handler import MediaStreamHandler
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
-from gateway.outputs.transcript_files import TranscriptFiles, call_document
+from gateway.outputs.live import LiveHub
+from gateway.outputs.transcript_files import TranscriptFiles
 from gateway.stt.engines import EngineSet
-from gateway.transcript.render import FORMATS, render
 
 log = get_logger("gateway.app")
 
@@ -52,22 +51,23 @@ ENGINES = web.AppKey("engines", EngineSet)
 REGISTRY = web.AppKey("registry", CallRegistry)
 TRANSCRIPTS = web.AppKey("transcripts", TranscriptFiles)
 
-_CONTENT_TYPES = {
-    "json": "application/json",
-    "text": "text/plain",
-    "vtt": "text/vtt",
-    "srt": "application/x-subrip",
-}
-
 
 def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.Application:
     """The gateway application; nothing starts until the runner sets it up."""
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(
+        client_max_size=1 << 20, middlewares=[cors_middleware(settings.api.cors_origins)]
+    )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[ENGINES] = engines or EngineSet(settings)
     app[REGISTRY] = CallRegistry(
         max_calls=settings.server.max_calls, recent=settings.server.recent_calls
+    )
+    app[api.REGISTRY] = app[REGISTRY]
+    app[api.AUTH] = ApiAuth(settings.api)
+    app[api.KEEPALIVE_S] = settings.live.keepalive_s
+    app[api.HUB] = LiveHub(
+        queue_limit=settings.live.queue_limit, firehose_buffer=settings.live.firehose_buffer
     )
     app[TRANSCRIPTS] = TranscriptFiles(Path(settings.server.data_dir) / "transcripts")
     app.cleanup_ctx.append(_engines_ctx)
@@ -98,9 +98,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
         app.router.add_post(settings.twilio.voice_path, _twilio_voice, name="twilio_voice")
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_get("/v1/calls", _list_calls)
-    app.router.add_get("/v1/calls/{id}", _get_call)
-    app.router.add_get("/v1/calls/{id}/transcript", _get_transcript)
+    add_routes(app)
     return app
 
 
@@ -137,10 +135,13 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     metrics = app[METRICS]
     files = app[TRANSCRIPTS]
+    hub = app[api.HUB]
     metrics.calls_active.set_function(lambda: registry.active_count)
+    registry.add_listener(hub.listener)
 
     async def finished(live: LiveCall) -> None:
         call = live.call
+        await hub.finished(call.call_id)  # every event of the call published (and stored)
         if call.state is CallState.NEW:
             return  # never started (refused at start): nothing to store or count
         outcome = "ended" if call.state is CallState.ENDED else "failed"
@@ -163,6 +164,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await registry.close()
+        await hub.close()
 
 
 # -- TwiML helper ----------------------------------------------------------------------------
@@ -260,90 +262,3 @@ async def _metrics(request: web.Request) -> web.Response:
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE
     return resp
-
-
-# -- REST (first cut) ------------------------------------------------------------------------
-
-
-def _authorize(request: web.Request) -> None:
-    api = request.app[SETTINGS].api
-    tokens = [t.get_secret_value() for t in (*api.tokens, *api.admin_tokens)]
-    if not tokens:
-        try:
-            loopback = ipaddress.ip_address(request.remote or "").is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise web.HTTPForbidden(
-                text="the API answers loopback clients only until api.tokens is set\n"
-            )
-        return
-    header = request.headers.get("Authorization", "")
-    given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    ok = False
-    for token in tokens:
-        ok |= hmac.compare_digest(given.encode(), token.encode())
-    if not given or not ok:
-        raise web.HTTPUnauthorized(
-            text="a valid bearer token is required\n", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
-def _summary(call: Call) -> dict[str, Any]:
-    return {
-        "id": call.call_id,
-        "source": call.source,
-        "source_ids": dict(call.source_ids),
-        "state": call.state.value,
-        "end_reason": call.end_reason,
-        "started_at": call.started_at,
-        "ended_at": call.ended_at,
-        "duration_ms": call.duration_ms,
-        "channels": [
-            {"index": c.spec.index, "role": c.spec.role, "participant": c.spec.participant}
-            for c in call.channels.values()
-        ],
-    }
-
-
-def _find(request: web.Request) -> Call:
-    call = request.app[REGISTRY].get(request.match_info["id"])
-    if call is None:
-        raise web.HTTPNotFound(text="no such call\n")
-    return call
-
-
-async def _list_calls(request: web.Request) -> web.Response:
-    _authorize(request)
-    registry = request.app[REGISTRY]
-    calls = [live.call for live in registry.active()] + list(registry.recent())
-    state = request.query.get("state")
-    if state:
-        calls = [c for c in calls if c.state.value == state]
-    return web.json_response(
-        {"calls": [_summary(c) for c in calls], "now": time.time()}, dumps=_dumps
-    )
-
-
-async def _get_call(request: web.Request) -> web.Response:
-    _authorize(request)
-    return web.json_response(_summary(_find(request)), dumps=_dumps)
-
-
-async def _get_transcript(request: web.Request) -> web.Response:
-    _authorize(request)
-    call = _find(request)
-    fmt = request.query.get("format", "json")
-    if fmt not in FORMATS:
-        raise web.HTTPBadRequest(text=f"unknown format {fmt!r}; use {', '.join(FORMATS)}\n")
-    if fmt == "json":
-        return web.json_response(call_document(call), dumps=_dumps)
-    return web.Response(
-        text=render(call.transcript(), fmt), content_type=_CONTENT_TYPES.get(fmt, "text/plain")
-    )
-
-
-def _dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False)

@@ -104,6 +104,10 @@ class CallRegistry:
                 return candidate
         return None
 
+    def forget(self, call_id: str) -> None:
+        """Drop a finished call from the recent list (it was deleted)."""
+        self._recent.pop(call_id, None)
+
     # -- admission -------------------------------------------------------------------------------
 
     def check_admission(self) -> None:

@@ -207,3 +207,17 @@ class EventLog:
             else:
                 hi = mid
         return iter(events[lo:])
+
+    def compact(self, *, keep_last: int) -> int:
+        """Drop partials of turns already final, except among the newest ``keep_last`` events.
+
+        Their final carries everything they said; a client resuming from an older seq skips them.
+        Returns how many were dropped.
+        """
+        cut = max(0, len(self._events) - keep_last)
+        old = self._events[:cut]
+        kept = [e for e in old if not (e.type == "turn.partial" and e.data["key"] in self._finals)]
+        dropped = len(old) - len(kept)
+        if dropped:
+            self._events = kept + self._events[cut:]
+        return dropped

@@ -1,0 +1,111 @@
+"""Bearer-token auth for the API and live feeds, and CORS for dashboards on other origins.
+
+Tokens come from config (``api.tokens`` read-only, ``api.admin_tokens`` read and delete), in the
+``Authorization: Bearer`` header or, for browsers' EventSource/WebSocket that cannot set headers,
+the ``access_token`` query parameter. With no token configured at all the API answers loopback
+clients only (transcripts and phone numbers are personal data). Comparisons are constant-time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from enum import IntEnum
+
+from aiohttp import web
+
+from gateway.config import ApiSettings
+
+
+class Access(IntEnum):
+    READ = 1
+    ADMIN = 2
+
+
+def _matches(given: str, tokens: list[str]) -> bool:
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    return ok
+
+
+class ApiAuth:
+    """Checks a request's token against the configured ones (see module docstring)."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self._read = [t.get_secret_value() for t in settings.tokens if t.get_secret_value()]
+        self._admin = [t.get_secret_value() for t in settings.admin_tokens if t.get_secret_value()]
+
+    @property
+    def open_to_loopback(self) -> bool:
+        return not self._read and not self._admin
+
+    def require(self, request: web.Request, level: Access = Access.READ) -> None:
+        """Raise 401 (no/unknown token), 403 (not enough rights, or not loopback)."""
+        if self.open_to_loopback:
+            try:
+                loopback = ipaddress.ip_address(request.remote or "").is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise web.HTTPForbidden(
+                    text="the API answers loopback clients only until api.tokens is set\n"
+                )
+            return
+        header = request.headers.get("Authorization", "")
+        given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not given:
+            given = request.query.get("access_token", "")
+        if not given:
+            raise web.HTTPUnauthorized(
+                text="a bearer token is required\n", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if _matches(given, self._admin):
+            return
+        if _matches(given, self._read):
+            if level is Access.ADMIN:
+                raise web.HTTPForbidden(text="this needs an admin token\n")
+            return
+        raise web.HTTPUnauthorized(
+            text="invalid token\n", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Allow the configured origins (``*`` for any) to call the API from a browser."""
+    allowed = set(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        ok = origin is not None and ("*" in allowed or origin in allowed)
+        if ok:
+            request["cors_origin"] = origin  # streaming handlers set it before prepare()
+        if (
+            request.method == "OPTIONS"
+            and ok
+            and request.headers.get("Access-Control-Request-Method")
+        ):
+            resp: web.StreamResponse = web.Response(status=204)
+            resp.headers["Access-Control-Allow-Methods"] = "GET, DELETE, OPTIONS"
+            resp.headers["Access-Control-Allow-Headers"] = "Authorization, Last-Event-ID"
+            resp.headers["Access-Control-Max-Age"] = "600"
+        else:
+            try:
+                resp = await handler(request)
+            except web.HTTPException as exc:
+                resp = exc
+                if ok and origin is not None:
+                    exc.headers["Access-Control-Allow-Origin"] = origin
+                    exc.headers["Vary"] = "Origin"
+                raise
+        if ok and origin is not None and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    return cors

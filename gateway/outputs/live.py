@@ -1,0 +1,303 @@
+"""LiveHub: every call's events, persisted then published to live subscribers, with resume.
+
+Flow per call (one :class:`CallPublisher`)::
+
+    Call listener (sync) --(type, data)--> queue --consumer task--> EventLog.append (seq)
+        --> persist (turn.final, call.* and utterances: awaited, invariant 8) --> publish
+
+The listener turns each :class:`~gateway.calls.call.CallOutput` into event data at once (so it
+describes the call as it was), the consumer assigns sequence numbers in order, awaits the store for
+everything but partials, and only then hands the event to subscribers: a final a subscriber sees is
+already durable.
+
+Subscribers (:class:`Subscription`) get a bounded queue: one that falls ``queue_limit`` events
+behind is closed with reason ``slow_consumer`` and never slows the call or other subscribers. A
+subscriber joining mid-call gets the events so far first (resume = the events after a given seq).
+The firehose (:meth:`LiveHub.subscribe_all`) carries every call's events with a gateway-wide
+sequence number and keeps the last ``firehose_buffer`` for resume.
+
+Memory: a call's log keeps every event while the call is active, except that partials of turns
+already final are compacted away once the log is long (a resuming client skips those superseded
+partials; their turn's final carries the whole text). Finished calls' logs stay for the most recent
+``keep_finished`` calls; older ones are served from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged, ChannelFailed
+from gateway.observability.logging import get_logger
+from gateway.outputs.events import (
+    CallEvent,
+    EventLog,
+    call_summary,
+    turn_data,
+    utterance_data,
+)
+from gateway.transcript.merger import TurnDelta, UtteranceReleased
+
+log = get_logger("gateway.live")
+
+Persist = Callable[[CallEvent, "dict[str, Any] | None"], Awaitable[None]]
+"""``persist(event, extra)``: commit the event (and, for call.ended, ``extra`` = the document)."""
+
+_COMPACT_AT = 4000  # events in a log before superseded partials are compacted
+_KEEP_RECENT = 1000  # the newest events are never compacted (clients resuming soon after a drop)
+
+
+@dataclass(frozen=True, slots=True)
+class FirehoseEvent:
+    gseq: int
+    event: CallEvent
+
+
+class Subscription:
+    """A bounded queue of events for one live client. ``closed_reason`` once closed."""
+
+    def __init__(self, limit: int) -> None:
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._limit = limit
+        self.closed_reason: str | None = None
+
+    def push(self, item: Any) -> None:
+        if self.closed_reason is not None:
+            return
+        if self._queue.qsize() >= self._limit:
+            self.close("slow_consumer")
+            return
+        self._queue.put_nowait(item)
+
+    def close(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            self._queue.put_nowait(None)  # wakes the reader; may exceed the limit by one
+
+    async def get(self) -> Any | None:
+        """The next item; None when closed. Callers bound the wait with ``asyncio.timeout``."""
+        if self._queue.empty() and self.closed_reason is not None:
+            return None
+        return await self._queue.get()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+
+class CallPublisher:
+    """One call's ordered path from listener to store to subscribers (see module docstring)."""
+
+    def __init__(self, hub: LiveHub, call: Call) -> None:
+        self.hub = hub
+        self.call_id = call.call_id
+        self.log = EventLog(call.call_id)
+        self.subscribers: set[Subscription] = set()
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any], dict[str, Any] | None] | None] = (
+            asyncio.Queue()
+        )
+        self._task = asyncio.create_task(self._run(), name=f"publish-{call.call_id}")
+        self.done = asyncio.Event()
+
+    def offer(self, call: Call, output: CallOutput) -> None:
+        """The Call listener: describe ``output`` now, publish it in order later."""
+        item = _describe(call, output)
+        if item is not None:
+            self._queue.put_nowait(item)
+        if isinstance(output, CallStateChanged) and output.state in (
+            CallState.ENDED,
+            CallState.FAILED,
+        ):
+            self._queue.put_nowait(None)  # nothing follows call.ended
+
+    async def _run(self) -> None:
+        persist = self.hub.persist
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    break
+                type_, data, extra = item
+                event = self.log.append(type_, data)
+                if event is None:
+                    continue  # a partial after its turn's final
+                if persist is not None and type_ != "turn.partial":
+                    try:
+                        await persist(event, extra)
+                    except Exception as exc:  # noqa: BLE001 - publish anyway, loudly
+                        self.hub.persist_failures += 1
+                        log.error(
+                            "store.write_failed",
+                            call_id=self.call_id,
+                            seq=event.seq,
+                            error=repr(exc),
+                        )
+                self.hub.publish(self, event)
+                if len(self.log) > _COMPACT_AT:
+                    self.log.compact(keep_last=_KEEP_RECENT)
+        finally:
+            self.done.set()
+
+    async def finish(self) -> None:
+        """Wait until everything offered so far is published (the call has ended)."""
+        await self.done.wait()
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+def _describe(
+    call: Call, output: CallOutput
+) -> tuple[str, dict[str, Any], dict[str, Any] | None] | None:
+    if isinstance(output, TurnDelta):
+        u = output.update
+        return ("turn.final" if u.final else "turn.partial", turn_data(call, u), None)
+    if isinstance(output, UtteranceReleased):
+        return ("transcript.utterance", utterance_data(output.index, output.utterance), None)
+    if isinstance(output, CallStateChanged):
+        if output.state is CallState.ACTIVE:
+            return ("call.started", call_summary(call), None)
+        if output.state in (CallState.ENDED, CallState.FAILED):
+            from gateway.outputs.transcript_files import call_document
+
+            return ("call.ended", call_summary(call), call_document(call))
+        return None
+    if isinstance(output, ChannelFailed):
+        data = call_summary(call)
+        data["channel_failed"] = {"channel": output.channel, "reason": output.reason}
+        return ("call.updated", data, None)
+    return None
+
+
+class LiveHub:
+    """All calls' publishers and subscribers (see module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        queue_limit: int = 1000,
+        firehose_buffer: int = 10000,
+        keep_finished: int = 200,
+        persist: Persist | None = None,
+    ) -> None:
+        self.queue_limit = queue_limit
+        self.persist = persist
+        self.persist_failures = 0
+        self.published = 0
+        self.dropped_subscribers = 0
+        self._publishers: dict[str, CallPublisher] = {}
+        self._finished: OrderedDict[str, CallPublisher] = OrderedDict()
+        self._keep_finished = keep_finished
+        self._firehose: deque[FirehoseEvent] = deque(maxlen=firehose_buffer)
+        self._gseq = 0
+        self._all: set[Subscription] = set()
+
+    # -- the Call side ---------------------------------------------------------------------------
+
+    def listener(self, call: Call, output: CallOutput) -> None:
+        """Attach to every call (``CallRegistry.add_listener``)."""
+        publisher = self._publishers.get(call.call_id)
+        if publisher is None:
+            if call.call_id in self._finished:
+                return
+            publisher = self._publishers[call.call_id] = CallPublisher(self, call)
+        publisher.offer(call, output)
+
+    async def finished(self, call_id: str) -> None:
+        """Wait until the call's events are all published; keep its log among the recent."""
+        publisher = self._publishers.get(call_id)
+        if publisher is None:
+            return
+        await publisher.finish()
+        del self._publishers[call_id]
+        self._finished[call_id] = publisher
+        while len(self._finished) > self._keep_finished:
+            self._finished.popitem(last=False)
+
+    def publish(self, publisher: CallPublisher, event: CallEvent) -> None:
+        self.published += 1
+        for sub in list(publisher.subscribers):
+            sub.push(event)
+            if sub.closed_reason is not None:
+                publisher.subscribers.discard(sub)
+                self.dropped_subscribers += sub.closed_reason == "slow_consumer"
+        if event.type == "call.ended":
+            for sub in list(publisher.subscribers):
+                sub.close("call_ended")
+            publisher.subscribers.clear()
+        self._gseq += 1
+        item = FirehoseEvent(self._gseq, event)
+        self._firehose.append(item)
+        for sub in list(self._all):
+            sub.push(item)
+            if sub.closed_reason is not None:
+                self._all.discard(sub)
+                self.dropped_subscribers += sub.closed_reason == "slow_consumer"
+
+    # -- the subscriber side ---------------------------------------------------------------------
+
+    def log_of(self, call_id: str) -> EventLog | None:
+        publisher = self._publishers.get(call_id) or self._finished.get(call_id)
+        return publisher.log if publisher else None
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._all) + sum(len(p.subscribers) for p in self._publishers.values())
+
+    def subscribe(self, call_id: str, after: int) -> tuple[list[CallEvent], Subscription] | None:
+        """The events after ``after`` so far, and a subscription for the rest.
+
+        None if the call's log is not in memory (finished long ago: read the store). For a call
+        already ended the subscription is closed at once (``call_ended``).
+        """
+        publisher = self._publishers.get(call_id) or self._finished.get(call_id)
+        if publisher is None:
+            return None
+        backlog = list(publisher.log.after(after))
+        sub = Subscription(self.queue_limit)
+        if publisher.log.closed:
+            sub.close("call_ended")
+        else:
+            publisher.subscribers.add(sub)
+        return backlog, sub
+
+    def unsubscribe(self, call_id: str, sub: Subscription) -> None:
+        publisher = self._publishers.get(call_id) or self._finished.get(call_id)
+        if publisher is not None:
+            publisher.subscribers.discard(sub)
+
+    def subscribe_all(self, after: int | None) -> tuple[list[FirehoseEvent], Subscription, bool]:
+        """(backlog, subscription, complete): ``complete`` is False when ``after`` is older than
+        the buffer (some events cannot be replayed). ``after`` None = only new events."""
+        sub = Subscription(self.queue_limit)
+        self._all.add(sub)
+        if after is None:
+            return [], sub, True
+        backlog = [item for item in self._firehose if item.gseq > after]
+        oldest = self._firehose[0].gseq if self._firehose else self._gseq + 1
+        complete = after >= oldest - 1 or after >= self._gseq
+        return backlog, sub, complete
+
+    def unsubscribe_all(self, sub: Subscription) -> None:
+        self._all.discard(sub)
+
+    @property
+    def last_gseq(self) -> int:
+        return self._gseq
+
+    async def close(self) -> None:
+        """Close every subscription and cancel every publisher."""
+        for sub in list(self._all):
+            sub.close("shutdown")
+        self._all.clear()
+        for publisher in [*self._publishers.values(), *self._finished.values()]:
+            for sub in list(publisher.subscribers):
+                sub.close("shutdown")
+            await publisher.cancel()
+        self._publishers.clear()
