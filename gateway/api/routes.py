@@ -11,6 +11,7 @@
     GET    /v1/calls/{id}/live            WebSocket of the same events; resume: ?after=SEQ
     GET    /v1/events                     SSE firehose of every call; id = gateway-wide seq
     GET    /v1/openapi.json               the OpenAPI document of these routes
+    GET    /                              the dashboard (one static page)
 
 Live feeds send the events after the resume point first (the state so far for a new
 subscriber), then each new event as it is published; a per-call feed ends after ``call.ended``.
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
@@ -75,8 +77,12 @@ STORE = web.AppKey("api_store", StoreReader)
 REGISTRY = web.AppKey("api_registry", CallRegistry)
 
 
+_DASHBOARD = Path(__file__).with_name("dashboard") / "index.html"
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
+    r.add_get("/", dashboard)
     r.add_get("/v1/calls", list_calls)
     r.add_get("/v1/calls/{id}", get_call)
     r.add_delete("/v1/calls/{id}", delete_call)
@@ -84,6 +90,21 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/calls/{id}/events", call_events_sse)
     r.add_get("/v1/calls/{id}/live", call_events_ws)
     r.add_get("/v1/events", firehose_sse)
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    """The dashboard page (static: it holds no data; it reads the API with the user's token)."""
+    body = await asyncio.to_thread(_DASHBOARD.read_bytes)
+    return web.Response(
+        body=body,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-cache",
+            "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; connect-src 'self'",
+        },
+    )
 
 
 def _dumps(obj: Any) -> str:
