@@ -90,6 +90,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/calls/{id}/events", call_events_sse)
     r.add_get("/v1/calls/{id}/live", call_events_ws)
     r.add_get("/v1/events", firehose_sse)
+    r.add_get("/v1/openapi.json", openapi_json)
 
 
 async def dashboard(request: web.Request) -> web.Response:
@@ -105,6 +106,13 @@ async def dashboard(request: web.Request) -> web.Response:
             "script-src 'self' 'unsafe-inline'; connect-src 'self'",
         },
     )
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The OpenAPI document (open: it describes routes, not data)."""
+    from gateway.api.openapi import openapi_document
+
+    return web.json_response(openapi_document(), dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:
