@@ -30,7 +30,7 @@ from aiohttp import web
 from gateway.api import routes as api
 from gateway.api.auth import ApiAuth, cors_middleware
 from gateway.api.routes import add_routes
-from gateway.calls.call import CallState
+from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged
 from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
@@ -40,6 +40,7 @@ from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValid
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
 from gateway.outputs.live import LiveHub
+from gateway.outputs.recorder import CallRecorder
 from gateway.outputs.transcript_files import TranscriptFiles
 from gateway.stt.engines import EngineSet
 
@@ -125,6 +126,38 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
         await engines.close()
 
 
+def _record_calls(registry: CallRegistry, directory: Path) -> None:
+    """Record every call from ACTIVE on into DIRECTORY/CALL_ID.wav (see CallRecorder)."""
+    recorders: dict[str, CallRecorder] = {}
+
+    def on_output(call: Call, output: CallOutput) -> None:
+        if isinstance(output, CallStateChanged) and output.state is CallState.ACTIVE:
+            first = next(iter(call.channels.values()))
+            recorder = CallRecorder(
+                directory / f"{call.call_id}.wav",
+                first.spec.codec,
+                first.spec.sample_rate,
+                len(call.channels),
+            )
+            recorders[call.call_id] = recorder
+            call.metadata["recording"] = str(recorder.path)
+            call.add_audio_tap(recorder.feed)
+
+    async def finished(live: LiveCall) -> None:
+        recorder = recorders.pop(live.call_id, None)
+        if recorder is None:
+            return
+        try:
+            path = await recorder.close()
+        except OSError as exc:
+            log.error("recording.write_failed", call_id=live.call_id, error=str(exc))
+            return
+        log.info("recording.stored", call_id=live.call_id, path=str(path))
+
+    registry.add_listener(on_output)
+    registry.on_finished(finished)
+
+
 def _hook_send_delay(engine: object, hook: Callable[[float, float], None]) -> None:
     # Engines that stream to a socket (the AssemblyAI client) report each chunk's delay.
     if hasattr(engine, "on_chunk_sent"):
@@ -160,6 +193,11 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("transcript.stored", call_id=call.call_id, path=str(path))
 
     registry.on_finished(finished)
+    recording = app[SETTINGS].recording
+    if recording.enabled:
+        _record_calls(
+            registry, Path(recording.dir or Path(app[SETTINGS].server.data_dir) / "recordings")
+        )
     try:
         yield
     finally:

@@ -120,6 +120,7 @@ class Call:
         self.finals = 0
         self._origin: Fraction | None = None  # call t=0 in seconds of the source media clock
         self._listeners: list[Listener] = []
+        self._audio_taps: list[Callable[[int, bytes], None]] = []
         self._readers: set[asyncio.Task[None]] = set()
         self._log = log.bind(call_id=self.call_id)
 
@@ -128,6 +129,18 @@ class Call:
     def add_listener(self, listener: Listener) -> None:
         """``listener(call, output)`` is called synchronously for every output, in order."""
         self._listeners.append(listener)
+
+    def add_audio_tap(self, tap: Callable[[int, bytes], None]) -> None:
+        """``tap(channel, data)`` gets each channel's audio as it is placed on the call clock
+        (gap fill included, in order), before it reaches the STT session. Call it no later than
+        on ACTIVE (a CallStateChanged listener), before the first audio."""
+        self._audio_taps.append(tap)
+        for channel in self.channels.values():
+            channel.tap = self._tap
+
+    def _tap(self, index: int, data: bytes) -> None:
+        for tap in self._audio_taps:
+            tap(index, data)
 
     def _emit(self, output: CallOutput) -> None:
         for listener in self._listeners:
@@ -200,6 +213,8 @@ class Call:
                     session,
                     max_jump=opts.max_timestamp_jump_s * spec.sample_rate,
                 )
+                if self._audio_taps:
+                    channel.tap = self._tap
                 self.channels[spec.index] = channel
                 task = asyncio.create_task(
                     self._read(channel), name=f"call-{self.call_id}-ch{spec.index}"

@@ -6,6 +6,8 @@ releases, contiguous and gap-filled, goes to the channel's STT session in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.ingress.events import ChannelSpec
 from gateway.media.clock import ChannelClock
 from gateway.media.codec import silence
@@ -35,6 +37,8 @@ class Channel:
         )
         self.sent = 0
         self.failed: str | None = None
+        # Sees every released byte, in call-clock order (recording); set by the Call.
+        self.tap: Callable[[int, bytes], None] | None = None
 
     async def push(self, start: int | None, payload: bytes) -> None:
         await self._send(self.clock.push(start, payload))
@@ -46,6 +50,8 @@ class Channel:
     async def _send(self, released: bytes) -> None:
         if released:
             self.sent += len(released) // self.spec.codec.sample_width
+            if self.tap is not None:
+                self.tap(self.spec.index, released)
             if self.failed is None:
                 await self.session.send(released)
 
