@@ -292,6 +292,10 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _sse_event(event_id: int, event: CallEvent) -> bytes:
+    return f"id: {event_id}\nevent: {event.type}\ndata: {event.json_text}\n\n".encode()
+
+
 def _sse(event_id: int | None, type_: str, data: dict[str, Any]) -> bytes:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {type_}\ndata: {_dumps(data)}\n\n".encode()
@@ -321,15 +325,15 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
     resp = await _open_sse(request)
     if subscribed is None:
         for event in await _stored_backlog(request, call_id, after):
-            await resp.write(_sse(event.seq, event.type, event.to_json()))
+            await resp.write(_sse_event(event.seq, event))
         return resp
     backlog, sub = subscribed
     try:
         for event in backlog:
-            await resp.write(_sse(event.seq, event.type, event.to_json()))
+            await resp.write(_sse_event(event.seq, event))
 
         async def send(event: CallEvent) -> None:
-            await resp.write(_sse(event.seq, event.type, event.to_json()))
+            await resp.write(_sse_event(event.seq, event))
 
         async def ping() -> None:
             await resp.write(b": keepalive\n\n")
@@ -355,7 +359,7 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
     subscribed = hub.subscribe(call_id, after)
     if subscribed is None:
         for event in await _stored_backlog(request, call_id, after):
-            await ws.send_str(_dumps(event.to_json()))
+            await ws.send_str(event.json_text)
         await ws.close(code=1000, message=b"call_ended")
         return ws
     backlog, sub = subscribed
@@ -370,10 +374,10 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
     read_task = asyncio.create_task(reader(), name=f"live-ws-reader-{call_id}")
     try:
         for event in backlog:
-            await ws.send_str(_dumps(event.to_json()))
+            await ws.send_str(event.json_text)
 
         async def send(event: CallEvent) -> None:
-            await ws.send_str(_dumps(event.to_json()))
+            await ws.send_str(event.json_text)
 
         async def ping() -> None:
             return None  # aiohttp's heartbeat pings
@@ -404,10 +408,10 @@ async def firehose_sse(request: web.Request) -> web.StreamResponse:
         if not complete:
             await resp.write(_sse(None, "error", {"reason": "resume_gap", "oldest": hub.last_gseq}))
         for item in backlog:
-            await resp.write(_sse(item.gseq, item.event.type, item.event.to_json()))
+            await resp.write(_sse_event(item.gseq, item.event))
 
         async def send(item: FirehoseEvent) -> None:
-            await resp.write(_sse(item.gseq, item.event.type, item.event.to_json()))
+            await resp.write(_sse_event(item.gseq, item.event))
 
         async def ping() -> None:
             await resp.write(b": keepalive\n\n")

@@ -21,9 +21,11 @@ key, so no consumer can ever see one.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from gateway.calls.call import Call
@@ -39,15 +41,23 @@ EVENT_TYPES = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class CallEvent:
-    """One event of one call; ``seq`` is the call's own sequence number (from 1)."""
+    """One event of one call; ``seq`` is the call's own sequence number (from 1).
+
+    No slots: :attr:`json_text` is computed once and shared by every subscriber.
+    """
 
     call_id: str
     seq: int
     type: str
     time: float
     data: dict[str, Any]
+
+    @cached_property
+    def json_text(self) -> str:
+        """The event as JSON text, encoded once however many subscribers send it."""
+        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
 
     def to_json(self) -> dict[str, Any]:
         return {

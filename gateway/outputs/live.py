@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -97,9 +98,9 @@ class CallPublisher:
         self.call_id = call.call_id
         self.log = EventLog(call.call_id)
         self.subscribers: set[Subscription] = set()
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any], dict[str, Any] | None] | None] = (
-            asyncio.Queue()
-        )
+        self._queue: asyncio.Queue[
+            tuple[str, dict[str, Any], dict[str, Any] | None, float] | None
+        ] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"publish-{call.call_id}")
         self.done = asyncio.Event()
 
@@ -107,7 +108,9 @@ class CallPublisher:
         """The Call listener: describe ``output`` now, publish it in order later."""
         item = _describe(call, output)
         if item is not None:
-            self._queue.put_nowait(item)
+            # The event's time is when the call produced it (a final leaving the merger), so
+            # subscribers can measure the whole path: persist, publish, network.
+            self._queue.put_nowait((*item, time.time()))
         if isinstance(output, CallStateChanged) and output.state in (
             CallState.ENDED,
             CallState.FAILED,
@@ -121,8 +124,8 @@ class CallPublisher:
                 item = await self._queue.get()
                 if item is None:
                     break
-                type_, data, extra = item
-                event = self.log.append(type_, data)
+                type_, data, extra, at = item
+                event = self.log.append(type_, data, at=at)
                 if event is None:
                     continue  # a partial after its turn's final
                 if persist is not None and type_ != "turn.partial":
