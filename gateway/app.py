@@ -20,8 +20,11 @@ phone numbers are personal data.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
@@ -39,9 +42,12 @@ from gateway.ingress.twilio_handler import MediaStreamHandler
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.outputs.events import CallEvent
 from gateway.outputs.live import LiveHub
 from gateway.outputs.recorder import CallRecorder
+from gateway.outputs.store import SqliteStore
 from gateway.outputs.transcript_files import TranscriptFiles
+from gateway.outputs.webhooks import WebhookSender, deliveries_for, event_body
 from gateway.stt.engines import EngineSet
 
 log = get_logger("gateway.app")
@@ -71,7 +77,14 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
         queue_limit=settings.live.queue_limit, firehose_buffer=settings.live.firehose_buffer
     )
     app[TRANSCRIPTS] = TranscriptFiles(Path(settings.server.data_dir) / "transcripts")
+    app[api.STORE] = SqliteStore(
+        Path(settings.store.path or Path(settings.server.data_dir) / "callgate.sqlite3"),
+        on_write=app[METRICS].store_write.observe,
+    )
+    # Startup in this order, cleanup in reverse: calls end (and publish) before the webhook
+    # sender and the store close.
     app.cleanup_ctx.append(_engines_ctx)
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
 
     dialects: tuple[tuple[Dialect, MediaStreamSettings], ...] = (
@@ -126,6 +139,74 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
         await engines.close()
 
 
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    hub = app[api.HUB]
+    store = app[api.STORE]
+    assert isinstance(store, SqliteStore)
+    interrupted = await store.open()
+    if interrupted:
+        metrics.calls_interrupted.inc(interrupted)
+        log.warning("store.calls_interrupted", calls=interrupted)
+    metrics.outbox_depth.set_function(lambda: store.pending_deliveries)
+    hooks = settings.webhooks
+    sender: WebhookSender | None = None
+    if hooks.urls:
+        sender = WebhookSender(
+            store,
+            hooks,
+            on_outcome=lambda outcome: metrics.webhook_deliveries.labels(outcome).inc(),
+        )
+        await sender.start()
+
+    async def persist(event: CallEvent, document: dict[str, Any] | None) -> None:
+        if sender is not None and event.type in hooks.events:
+            body = event_body(event, document if event.type == "call.ended" else None)
+            deliveries = deliveries_for(event.type, event.call_id, body, hooks.urls, event.time)
+            try:
+                await store.add_event_and_enqueue(event, deliveries)
+            except Exception:
+                metrics.store_failures.inc()
+                raise
+            sender.notify()
+            return
+        try:
+            await store.add_event(event)
+        except Exception:
+            metrics.store_failures.inc()
+            raise
+
+    hub.persist = persist
+    retention = (
+        app[REGISTRY].spawn(
+            _purge_old_calls(store, settings.store.retention_days), "store-retention"
+        )
+        if settings.store.retention_days > 0
+        else None
+    )
+    try:
+        yield
+    finally:
+        if retention is not None:
+            retention.cancel()
+        if sender is not None:
+            await sender.close()
+        await store.close()
+
+
+async def _purge_old_calls(store: SqliteStore, days: float) -> None:
+    """Delete finished calls older than the retention period, hourly."""
+    while True:
+        try:
+            removed = await store.purge(time.time() - days * 86400)
+            if removed:
+                log.info("store.purged", calls=removed, retention_days=days)
+        except Exception as exc:  # noqa: BLE001 - retention must never stop the gateway
+            log.error("store.purge_failed", error=repr(exc))
+        await asyncio.sleep(3600)
+
+
 def _record_calls(registry: CallRegistry, directory: Path) -> None:
     """Record every call from ACTIVE on into DIRECTORY/CALL_ID.wav (see CallRecorder)."""
     recorders: dict[str, CallRecorder] = {}
@@ -170,6 +251,9 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     files = app[TRANSCRIPTS]
     hub = app[api.HUB]
     metrics.calls_active.set_function(lambda: registry.active_count)
+    metrics.live_subscribers.set_function(lambda: hub.subscriber_count)
+    metrics.events_published.set_function(lambda: hub.published)
+    metrics.subscriber_drops.set_function(lambda: hub.dropped_subscribers)
     registry.add_listener(hub.listener)
 
     async def finished(live: LiveCall) -> None:

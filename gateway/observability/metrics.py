@@ -96,6 +96,45 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_deliveries = Counter(
+            "callgate_webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, retry, dead)",
+            ["outcome"],
+            registry=r,
+        )
+        self.outbox_depth = Gauge(
+            "callgate_webhook_outbox_depth", "Webhook deliveries waiting in the outbox", registry=r
+        )
+        self.store_write = Histogram(
+            "callgate_store_write_seconds",
+            "Time from a store write being queued to its commit (finals wait this before publish)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
+        self.store_failures = Counter(
+            "callgate_store_write_failures",
+            "Events that could not be written to the store (published anyway)",
+            registry=r,
+        )
+        self.calls_interrupted = Counter(
+            "callgate_calls_interrupted",
+            "Calls found unfinished in the store at startup (the gateway had stopped mid-call)",
+            registry=r,
+        )
+        self.live_subscribers = Gauge(
+            "callgate_live_subscribers", "Live feed subscribers connected", registry=r
+        )
+        self.events_published = Gauge(
+            "callgate_events_published",
+            "Events published to live feeds since start (a counter kept by the hub)",
+            registry=r,
+        )
+        self.subscriber_drops = Gauge(
+            "callgate_live_subscriber_drops",
+            "Subscribers disconnected for falling behind since start",
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         """The text format for ``GET /metrics``."""
         return generate_latest(self.registry)

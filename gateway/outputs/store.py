@@ -105,8 +105,8 @@ CREATE TABLE events (
     type    TEXT NOT NULL,
     time    REAL NOT NULL,
     data    TEXT NOT NULL,                 -- JSON object
-    PRIMARY KEY (call_id, seq)
-) WITHOUT ROWID;
+    PRIMARY KEY (call_id, seq)             -- rowid table: rows (turns with words) are KBs
+);
 
 CREATE TABLE outbox (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: it is X-Callgate-Delivery
