@@ -447,6 +447,11 @@ async def _run_server(
         f"  {'health:':19} {base}/healthz",
     ]
     print("\n".join(lines), flush=True)
+    from gateway.observability.systemd import SystemdNotifier
+
+    notifier = SystemdNotifier()
+    notifier.ready(f"serving on {host}:{bound}")
+    notifier.start_watchdog()
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -491,6 +496,7 @@ async def _run_server(
     try:
         await stop.wait()
         print("callgate: stopping: finishing active calls ...", file=sys.stderr, flush=True)
+        notifier.stopping(f"draining {app[REGISTRY].active_count} calls")
         await drain(app)
     finally:
         if demo_task is not None:
@@ -498,6 +504,7 @@ async def _run_server(
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await demo_task
         await runner.cleanup()
+        await notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
