@@ -4,7 +4,7 @@ Routes (paths of the ingress endpoints come from config)::
 
     GET  /twilio/stream, /telnyx/stream, /signalwire/stream   Media Streams WebSockets
     POST /twilio/voice                                         TwiML: start a both_tracks stream
-    GET  /healthz                                              liveness + call counts
+    GET  /healthz, /readyz                                     alive; ready for new calls
     GET  /metrics                                              Prometheus text format
     GET  /v1/calls, /v1/calls/{id}, /v1/calls/{id}/transcript  calls and transcripts
 
@@ -111,6 +111,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     if settings.twilio.enabled and settings.twilio.voice_path:
         app.router.add_post(settings.twilio.voice_path, _twilio_voice, name="twilio_voice")
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     add_routes(app)
     return app
@@ -369,14 +370,34 @@ async def _twilio_voice(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """Alive: the process answers (also while draining)."""
     registry = request.app[REGISTRY]
     return web.json_response(
         {
-            "status": "ok" if registry.accepting else "draining",
+            "status": "ok",
+            "draining": not registry.accepting,
             "active_calls": registry.active_count,
-        },
-        status=200 if registry.accepting else 503,
+        }
     )
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """Ready for new calls: engines loaded, store writable, not draining; else 503 and why."""
+    app = request.app
+    problems: list[str] = []
+    if not app[REGISTRY].accepting:
+        problems.append("draining")
+    engines = app[ENGINES]
+    if not engines.started(engines.default):
+        problems.append(f"engine {engines.default} not loaded")
+    store = app[api.STORE]
+    try:
+        async with asyncio.timeout(2.0):
+            await store.writable()
+    except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        problems.append(f"store not writable: {type(exc).__name__}: {exc}")
+    body = {"status": "ready" if not problems else "not_ready", "problems": problems}
+    return web.json_response(body, status=503 if problems else 200)
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -504,3 +504,30 @@ async def test_a_continuation_in_another_format_is_refused(tmp_path: Path) -> No
         await gw.idle(within_s=10)
         doc = await gw.transcript("CAFMT")
         assert doc["duration_ms"] == 1000  # the first stream's audio is kept, nothing else
+
+
+async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, server={"drain_timeout_s": 10.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{gw.http}/readyz") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["status"] == "ready"
+            messages = call_messages("CAREADY", 1.6)
+            sender = asyncio.create_task(send_messages(gw.ws(), messages, interval_s=0.01))
+            await poll_until(lambda: gw.registry.active_count > 0)
+            from gateway.app import drain
+
+            draining = asyncio.create_task(drain(gw.app))
+            await poll_until(lambda: not gw.registry.accepting)
+            async with s.get(f"{gw.http}/readyz") as resp:
+                assert resp.status == 503
+                assert "draining" in (await resp.json())["problems"]
+            async with s.get(f"{gw.http}/healthz") as resp:
+                assert resp.status == 200  # alive while draining
+            assert gw.registry.active_count == 1  # the active call goes on
+            closed = await sender
+            await draining
+        assert (closed.code, closed.reason) == (1000, "stop")
+        doc = gw.stored(gw.registry.get("CAREADY").call_id)  # type: ignore[union-attr]
+        assert doc["end_reason"] == "stop"

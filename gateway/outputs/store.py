@@ -988,6 +988,14 @@ class SqliteStore:
 
         return await self._read(job)
 
+    async def writable(self) -> None:
+        """Raise unless the writer can take the write lock now (readiness probe; no change)."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1 FROM calls LIMIT 1").fetchall()
+
+        await self._writer.run(partial(self._transaction, job=job))
+
     async def outbox_depth(self) -> int:
         """How many deliveries are pending (queried)."""
 

@@ -43,6 +43,10 @@ class EngineSet:
         """``hook(engine)`` runs once for each engine as it starts (instrumentation)."""
         self._started_hooks.append(hook)
 
+    def started(self, name: str) -> bool:
+        """Whether engine ``name`` is loaded and running."""
+        return name in self._engines
+
     def available(self, name: str) -> bool:
         """Whether ``name`` can run here: local always; assemblyai with a key or a URL."""
         if name == "local":
