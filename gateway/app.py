@@ -86,6 +86,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     app.cleanup_ctx.append(_engines_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
+    app.on_shutdown.append(_close_live_feeds)
 
     dialects: tuple[tuple[Dialect, MediaStreamSettings], ...] = (
         ("twilio", settings.twilio),
@@ -138,6 +139,12 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await engines.close()
+
+
+async def _close_live_feeds(app: web.Application) -> None:
+    # Before aiohttp waits for open handlers: live feeds would otherwise hold the shutdown
+    # until their next keep-alive write notices a gone client.
+    app[api.HUB].close_subscriptions("shutdown")
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

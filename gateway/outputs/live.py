@@ -294,6 +294,16 @@ class LiveHub:
     def last_gseq(self) -> int:
         return self._gseq
 
+    def close_subscriptions(self, reason: str) -> None:
+        """End every live feed now (shutdown): their handlers return at once."""
+        for sub in list(self._all):
+            sub.close(reason)
+        self._all.clear()
+        for publisher in [*self._publishers.values(), *self._finished.values()]:
+            for sub in list(publisher.subscribers):
+                sub.close(reason)
+            publisher.subscribers.clear()
+
     async def close(self) -> None:
         """Close every subscription and cancel every publisher."""
         for sub in list(self._all):
