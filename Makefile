@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench setup clean
+.PHONY: run test lint typecheck bench setup system-deps clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ run: $(STAMP)
 	$(BIN)/gateway --config config/gateway.toml serve --demo samples/diane_sheila.wav \
 		--demo-param inbound_participant=Diane --demo-param outbound_participant=Sheila
 
-test: $(STAMP) lint typecheck
+# Debian packages the tests drive (headless Chromium, systemd-analyze, ...): installed if missing.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
