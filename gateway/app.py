@@ -87,6 +87,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
     app.on_shutdown.append(_close_live_feeds)
+    app[api.ON_DELETE] = [_delete_files_of(app[TRANSCRIPTS])]
 
     dialects: tuple[tuple[Dialect, MediaStreamSettings], ...] = (
         ("twilio", settings.twilio),
@@ -139,6 +140,22 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await engines.close()
+
+
+def _delete_files_of(files: TranscriptFiles) -> api.DeleteHook:
+    async def delete(summary: dict[str, Any]) -> None:
+        paths = [files.path(summary["id"])]
+        recording = (summary.get("metadata") or {}).get("recording")
+        if recording:
+            paths.append(Path(recording))
+
+        def unlink() -> None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+        await asyncio.to_thread(unlink)
+
+    return delete
 
 
 async def _close_live_feeds(app: web.Application) -> None:
@@ -378,6 +395,7 @@ async def _twilio_voice(request: web.Request) -> web.Response:
 
 async def _healthz(request: web.Request) -> web.Response:
     """Alive: the process answers (also while draining)."""
+    _maybe_require(request)
     registry = request.app[REGISTRY]
     return web.json_response(
         {
@@ -390,6 +408,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     """Ready for new calls: engines loaded, store writable, not draining; else 503 and why."""
+    _maybe_require(request)
     app = request.app
     problems: list[str] = []
     if not app[REGISTRY].accepting:
@@ -407,7 +426,14 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=503 if problems else 200)
 
 
+def _maybe_require(request: web.Request) -> None:
+    """Health and metrics are open unless ``api.open_metrics`` is false."""
+    if not request.app[SETTINGS].api.open_metrics:
+        request.app[api.AUTH].require(request)
+
+
 async def _metrics(request: web.Request) -> web.Response:
+    _maybe_require(request)
     body = request.app[METRICS].exposition()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE

@@ -405,6 +405,7 @@ async def _run_server(
     demo_params: dict[str, str],
 ) -> int:
     import contextlib
+    import gc
     import secrets
     import signal
 
@@ -449,6 +450,9 @@ async def _run_server(
     print("\n".join(lines), flush=True)
     from gateway.observability.systemd import SystemdNotifier
 
+    # Everything loaded so far (model, libraries) lives as long as the process: keep it out of
+    # the garbage collector's scans, which otherwise pause the loop for milliseconds.
+    gc.freeze()
     notifier = SystemdNotifier()
     notifier.ready(f"serving on {host}:{bound}")
     notifier.start_watchdog()

@@ -3,17 +3,19 @@
 Tokens come from config (``api.tokens`` read-only, ``api.admin_tokens`` read and delete), in the
 ``Authorization: Bearer`` header or, for browsers' EventSource/WebSocket that cannot set headers,
 the ``access_token`` query parameter. With no token configured at all the API answers loopback
-clients only (transcripts and phone numbers are personal data). Comparisons are constant-time.
+clients only (transcripts and phone numbers are personal data): the peer address must be loopback
+and the Host header must name a loopback address or ``localhost`` (against DNS rebinding).
+Comparisons are constant-time.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from enum import IntEnum
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.config import ApiSettings
 
@@ -30,6 +32,30 @@ def _matches(given: str, tokens: list[str]) -> bool:
     return ok
 
 
+def _is_loopback_ip(value: str) -> bool:
+    try:
+        return ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_loopback_host(headers: Mapping[str, str]) -> bool:
+    """Whether the Host header names a loopback address or ``localhost``.
+
+    A loopback peer is not enough: a web page can rebind its own DNS name to 127.0.0.1 and read the
+    API from the user's browser (DNS rebinding); its requests then carry that name as Host.
+    """
+    host = headers.get(hdrs.HOST)
+    if not host:
+        return True  # no browser sends a request without Host
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost") or _is_loopback_ip(name)
+
+
 class ApiAuth:
     """Checks a request's token against the configured ones (see module docstring)."""
 
@@ -44,11 +70,7 @@ class ApiAuth:
     def require(self, request: web.Request, level: Access = Access.READ) -> None:
         """Raise 401 (no/unknown token), 403 (not enough rights, or not loopback)."""
         if self.open_to_loopback:
-            try:
-                loopback = ipaddress.ip_address(request.remote or "").is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
+            if not (_is_loopback_ip(request.remote or "") and _is_loopback_host(request.headers)):
                 raise web.HTTPForbidden(
                     text="the API answers loopback clients only until api.tokens is set\n"
                 )

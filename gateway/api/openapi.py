@@ -47,8 +47,9 @@ and their events.
 **Authentication.** Every `/v1` route but this document needs a token: `Authorization: Bearer \
 TOKEN`, or the `access_token` query parameter for browsers' `EventSource` and `WebSocket`, which \
 cannot set headers. Tokens from `api.tokens` may read; tokens from `api.admin_tokens` may also \
-`DELETE`. With no token configured at all the API answers loopback clients only (any other \
-client gets `403`). A missing or unknown token gets `401` with a `WWW-Authenticate: Bearer` header.
+`DELETE`. With no token configured at all the API answers loopback clients only, that is a \
+loopback peer address and a `Host` of `localhost` or a loopback address (anything else gets \
+`403`). A missing or unknown token gets `401` with a `WWW-Authenticate: Bearer` header.
 
 **Errors.** Every `4xx` body is one line of plain text (`text/plain`).
 
@@ -347,7 +348,10 @@ def _schemas() -> dict[str, Any]:
                 },
                 "oldest": {
                     "type": "integer",
-                    "description": "`resume_gap` only: a gateway-wide event id.",
+                    "minimum": 1,
+                    "description": "`resume_gap` only: the oldest event id the firehose still "
+                    "had (the first one replayed); the events between `Last-Event-ID` and it "
+                    "are lost.",
                 },
             },
             required=("reason",),
@@ -357,8 +361,24 @@ def _schemas() -> dict[str, Any]:
         "Error": {"type": "string", "description": "One line of plain text."},
         "Health": _obj(
             {
-                "status": {"type": "string", "enum": ["ok", "draining"]},
+                "status": {"type": "string", "enum": ["ok"]},
+                "draining": {
+                    "type": "boolean",
+                    "description": "Shutting down: no new calls, active calls finishing.",
+                },
                 "active_calls": {"type": "integer", "minimum": 0},
+            },
+            description="The process is alive (also while draining).",
+        ),
+        "Readiness": _obj(
+            {
+                "status": {"type": "string", "enum": ["ready", "not_ready"]},
+                "problems": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Why not ready (draining, engine not loaded, store not "
+                    "writable); empty when ready.",
+                },
             }
         ),
     }
@@ -388,8 +408,8 @@ def _responses() -> dict[str, Any]:
             },
         ),
         "Forbidden": _error(
-            "No token is configured and the client is not on loopback (or, for `DELETE`, the "
-            "token is read-only)."
+            "For `DELETE`: the token is read-only. With no token configured: the client is not "
+            "on loopback (peer address or `Host`)."
         ),
         "NotFound": _error("No call has this id (call id or source id)."),
     }
@@ -597,6 +617,10 @@ def _call_events() -> dict[str, Any]:
         "parameters": [_param_ref("LastEventId"), _param_ref("After")],
         "responses": {
             "200": _sse_response("The event stream (ends after `call.ended`)."),
+            "204": {
+                "description": "The call has ended and there is nothing after the resume point: "
+                "a browser's EventSource stops reconnecting."
+            },
             **_guarded("400", "404"),
         },
     }
@@ -671,15 +695,30 @@ def _paths() -> dict[str, Any]:
                 {
                     "operationId": "health",
                     "tags": ["meta"],
-                    "summary": "Liveness and the number of active calls",
+                    "summary": "Liveness, draining and the number of active calls",
                     "responses": {
                         "200": {
-                            "description": "Accepting calls.",
+                            "description": "The process answers (also while draining).",
                             "content": {_JSON: {"schema": _ref("Health")}},
                         },
+                    },
+                }
+            )
+        },
+        "/readyz": {
+            "get": _open_operation(
+                {
+                    "operationId": "ready",
+                    "tags": ["meta"],
+                    "summary": "Readiness for new calls",
+                    "responses": {
+                        "200": {
+                            "description": "Ready: engine loaded, store writable, not draining.",
+                            "content": {_JSON: {"schema": _ref("Readiness")}},
+                        },
                         "503": {
-                            "description": "Draining (shutting down): no new calls.",
-                            "content": {_JSON: {"schema": _ref("Health")}},
+                            "description": "Not ready; `problems` says why.",
+                            "content": {_JSON: {"schema": _ref("Readiness")}},
                         },
                     },
                 }
@@ -734,7 +773,10 @@ def openapi_document() -> dict[str, Any]:
         "tags": [
             {"name": "calls", "description": "Calls and transcripts."},
             {"name": "live", "description": "Live feeds of call events."},
-            {"name": "meta", "description": "Health, metrics, this document, the dashboard."},
+            {
+                "name": "meta",
+                "description": "Health, readiness, metrics, this document, the dashboard.",
+            },
         ],
         "security": [{"bearer": []}, {"access_token": []}],
         "paths": _paths(),

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -72,9 +73,14 @@ class StoreReader(Protocol):
 
     async def delete_call(self, call_id: str) -> bool: ...
 
+    async def writable(self) -> None:
+        """Raise unless a write would succeed now (readiness)."""
+
 
 STORE = web.AppKey("api_store", StoreReader)
 REGISTRY = web.AppKey("api_registry", CallRegistry)
+DeleteHook = Callable[[dict[str, Any]], Awaitable[None]]
+ON_DELETE = web.AppKey("api_on_delete", list[DeleteHook])
 
 
 _DASHBOARD = Path(__file__).with_name("dashboard") / "index.html"
@@ -215,6 +221,9 @@ async def delete_call(request: web.Request) -> web.Response:
     store = _store(request)
     deleted = await store.delete_call(summary["id"]) if store is not None else False
     request.app[REGISTRY].forget(summary["id"])
+    request.app[HUB].forget(summary["id"])
+    for hook in request.app.get(ON_DELETE, ()):
+        await hook(summary)  # files outside the store: transcript export, recording
     if not deleted and call is None:
         raise web.HTTPNotFound(text="no such call\n")
     return web.Response(status=204)
@@ -288,8 +297,40 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
     if origin:
         resp.headers["Access-Control-Allow-Origin"] = origin
         resp.headers["Vary"] = "Origin"
+    # The stream ends when the connection does: never reused for another request.
+    resp.force_close()
     await resp.prepare(request)
+    if request.method != "HEAD":
+        await resp.write(b": stream open\n\n")  # sends the headers now
     return resp
+
+
+def _direct_sink(
+    request: web.Request, resp: web.StreamResponse, encode: Callable[[Any], bytes]
+) -> Callable[[Any], bool]:
+    """A Subscription sink writing whole SSE messages straight to the socket.
+
+    Used only once the headers are out and while the feed's own task is idle (Subscription
+    guarantees that), so messages never interleave mid-way; each is framed as one HTTP chunk
+    when the response is chunked (HTTP/1.1). Refuses (the item is queued and the task writes
+    it with back-pressure) when the socket buffer holds more than 64 KiB.
+    """
+    transport = request.transport
+    chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"
+
+    def sink(item: Any) -> bool:
+        if transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > 65536:
+            return False
+        data = encode(item)
+        if chunked:
+            transport.writelines((f"{len(data):x}\r\n".encode(), data, b"\r\n"))
+        else:
+            transport.write(data)
+        return True
+
+    return sink
 
 
 def _sse_event(event_id: int, event: CallEvent) -> bytes:
@@ -312,7 +353,11 @@ async def _pump(sub: Subscription, keepalive_s: float, send: Any, ping: Any) -> 
             continue
         if item is None:
             return sub.closed_reason or "closed"
-        await send(item)
+        sub.busy = True
+        try:
+            await send(item)
+        finally:
+            sub.busy = False
 
 
 async def call_events_sse(request: web.Request) -> web.StreamResponse:
@@ -320,17 +365,26 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
     call, summary = await _find(request)
     call_id = summary["id"]
     after = _resume_point(request, header=True) or 0
+    if request.method == "HEAD":
+        return await _open_sse(request)  # a HEAD response has no content
     hub = request.app[HUB]
     subscribed = hub.subscribe(call_id, after)
-    resp = await _open_sse(request)
     if subscribed is None:
-        for event in await _stored_backlog(request, call_id, after):
+        stored = await _stored_backlog(request, call_id, after)
+        if not stored:
+            return web.Response(status=204)  # ended, nothing new: EventSource stops here
+        resp = await _open_sse(request)
+        for event in stored:
             await resp.write(_sse_event(event.seq, event))
         return resp
     backlog, sub = subscribed
+    if not backlog and sub.closed_reason == "call_ended":
+        return web.Response(status=204)
+    resp = await _open_sse(request)
     try:
         for event in backlog:
             await resp.write(_sse_event(event.seq, event))
+        sub.sink = _direct_sink(request, resp, lambda e: _sse_event(e.seq, e))
 
         async def send(event: CallEvent) -> None:
             await resp.write(_sse_event(event.seq, event))
@@ -341,10 +395,10 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
         reason = await _pump(sub, request.app[KEEPALIVE_S], send, ping)
         if reason not in ("call_ended",):
             await resp.write(_sse(None, "error", {"reason": reason}))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
         hub.unsubscribe(call_id, sub)
-        raise
-    hub.unsubscribe(call_id, sub)
     return resp
 
 
@@ -401,14 +455,18 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
 async def firehose_sse(request: web.Request) -> web.StreamResponse:
     request.app[AUTH].require(request)
     after = _resume_point(request, header=True)
+    if request.method == "HEAD":
+        return await _open_sse(request)  # a HEAD response has no content
     hub = request.app[HUB]
     backlog, sub, complete = hub.subscribe_all(after)
     resp = await _open_sse(request)
     try:
         if not complete:
-            await resp.write(_sse(None, "error", {"reason": "resume_gap", "oldest": hub.last_gseq}))
+            oldest = backlog[0].gseq if backlog else hub.last_gseq + 1  # the first id replayed
+            await resp.write(_sse(None, "error", {"reason": "resume_gap", "oldest": oldest}))
         for item in backlog:
             await resp.write(_sse_event(item.gseq, item.event))
+        sub.sink = _direct_sink(request, resp, lambda i: _sse_event(i.gseq, i.event))
 
         async def send(item: FirehoseEvent) -> None:
             await resp.write(_sse_event(item.gseq, item.event))

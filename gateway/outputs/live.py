@@ -59,15 +59,27 @@ class FirehoseEvent:
 
 
 class Subscription:
-    """A bounded queue of events for one live client. ``closed_reason`` once closed."""
+    """A bounded queue of events for one live client. ``closed_reason`` once closed.
+
+    ``sink`` (optional) is a fast path for feeds whose transport can take a whole message
+    without waiting (SSE): while nothing is queued and no write is in flight, :meth:`push` hands
+    the item to ``sink`` synchronously, which returns False if it cannot take it now (its socket
+    buffer is full), and the item is queued for the feed's task instead. Fan-out to many
+    subscribers then costs one socket write each, not one task switch each; order is kept
+    because the fast path is only taken when the queue is empty and the task is idle.
+    """
 
     def __init__(self, limit: int) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._limit = limit
         self.closed_reason: str | None = None
+        self.sink: Callable[[Any], bool] | None = None
+        self.busy = False  # the feed's task is writing an item it took from the queue
 
     def push(self, item: Any) -> None:
         if self.closed_reason is not None:
+            return
+        if self.sink is not None and not self.busy and self._queue.empty() and self.sink(item):
             return
         if self._queue.qsize() >= self._limit:
             self.close("slow_consumer")
@@ -293,6 +305,14 @@ class LiveHub:
     @property
     def last_gseq(self) -> int:
         return self._gseq
+
+    def forget(self, call_id: str) -> None:
+        """Drop a deleted call's events from memory (its finished log and the firehose buffer)."""
+        self._finished.pop(call_id, None)
+        if any(item.event.call_id == call_id for item in self._firehose):
+            kept = [item for item in self._firehose if item.event.call_id != call_id]
+            self._firehose.clear()
+            self._firehose.extend(kept)
 
     def close_subscriptions(self, reason: str) -> None:
         """End every live feed now (shutdown): their handlers return at once."""

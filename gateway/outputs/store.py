@@ -348,13 +348,15 @@ def _encode_cursor(sort_at: float, call_id: str) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[float, str]:
+    if len(cursor) > 1024:
+        raise ValueError("invalid cursor (too long)")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         sort_at, call_id = json.loads(raw)
         if not isinstance(call_id, str) or not isinstance(sort_at, int | float):
             raise ValueError
         return float(sort_at), call_id
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
         raise ValueError(f"invalid cursor {cursor[:40]!r}") from None
 
 
