@@ -1,0 +1,66 @@
+"""LiveHub and EventLog without sockets: ordering, late partials, slow subscribers, compaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.outputs.events import EventLog
+from gateway.outputs.live import Subscription
+
+
+def _turn(key: str, text: str) -> dict[str, Any]:
+    return {"key": key, "text": text}
+
+
+def test_a_partial_after_its_final_is_never_logged() -> None:
+    log = EventLog("c1")
+    assert log.append("call.started", {}) is not None
+    assert log.append("turn.partial", _turn("0:0:0", "hel")) is not None
+    final = log.append("turn.final", _turn("0:0:0", "hello"))
+    assert final is not None and final.seq == 3
+    assert log.append("turn.partial", _turn("0:0:0", "hel")) is None
+    assert log.dropped_partials == 1
+    with pytest.raises(ValueError):
+        log.append("turn.final", _turn("0:0:0", "again"))
+    assert [e.seq for e in log.after(1)] == [2, 3]
+
+
+def test_compaction_drops_only_superseded_partials_outside_the_recent_window() -> None:
+    log = EventLog("c1")
+    for i in range(10):
+        log.append("turn.partial", _turn(f"0:0:{i}", "x"))
+        log.append("turn.final", _turn(f"0:0:{i}", "x"))
+    log.append("turn.partial", _turn("0:0:10", "open turn"))
+    dropped = log.compact(keep_last=4)
+    assert dropped == 9  # partials of turns 0-8; turn 9's partial is among the last 4 events
+    seqs = [e.seq for e in log.after(0)]
+    assert seqs == sorted(seqs)
+    assert log.last_seq == 21
+    assert any(e.type == "turn.partial" and e.data["key"] == "0:0:10" for e in log.after(0))
+
+
+def test_a_slow_subscriber_is_closed_and_others_go_on() -> None:
+    slow, fast = Subscription(limit=3), Subscription(limit=3)
+    for i in range(5):
+        slow.push(i)
+        fast.push(i)
+        if fast.pending == 3:  # the fast one keeps reading
+            fast._queue.get_nowait()
+    assert slow.closed_reason == "slow_consumer"
+    assert fast.closed_reason is None
+
+
+def test_sink_fast_path_keeps_order_with_queued_items() -> None:
+    written: list[int] = []
+    sub = Subscription(limit=100)
+    accept = [True]
+    sub.sink = lambda item: accept[0] and (written.append(item) or True)
+    sub.push(1)
+    accept[0] = False  # the socket buffer is full: items queue up
+    sub.push(2)
+    accept[0] = True
+    sub.push(3)  # must not overtake 2, which is still queued
+    assert written == [1]
+    assert sub.pending == 2
