@@ -19,6 +19,9 @@ from aiohttp import hdrs, web
 
 from gateway.config import ApiSettings
 
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+"""The allowed Origin of this request, for handlers that send their headers themselves (SSE)."""
+
 
 class Access(IntEnum):
     READ = 1
@@ -105,8 +108,8 @@ def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Awaitable[web.Str
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         ok = origin is not None and ("*" in allowed or origin in allowed)
-        if ok:
-            request["cors_origin"] = origin  # streaming handlers set it before prepare()
+        if ok and origin is not None:
+            request[CORS_ORIGIN] = origin  # streaming handlers set it before prepare()
         if (
             request.method == "OPTIONS"
             and ok

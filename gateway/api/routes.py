@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from aiohttp import WSMsgType, web
 
-from gateway.api.auth import Access, ApiAuth
+from gateway.api.auth import CORS_ORIGIN, Access, ApiAuth
 from gateway.calls.call import Call
 from gateway.calls.registry import CallRegistry
 from gateway.outputs.events import CallEvent, call_summary
@@ -293,7 +293,7 @@ async def _open_sse(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
         }
     )
-    origin = request.get("cors_origin")
+    origin = request.get(CORS_ORIGIN)
     if origin:
         resp.headers["Access-Control-Allow-Origin"] = origin
         resp.headers["Vary"] = "Origin"
