@@ -119,6 +119,7 @@ class Call:
         self.end_reason = ""
         self.finals = 0
         self._origin: Fraction | None = None  # call t=0 in seconds of the source media clock
+        self._origin_at: dict[int, int] = {}  # the origin in samples, per rate where integral
         self._listeners: list[Listener] = []
         self._audio_taps: list[Callable[[int, bytes], None]] = []
         self._readers: set[asyncio.Task[None]] = set()
@@ -261,10 +262,18 @@ class Call:
         start: int | None = None
         if event.timestamp is not None:
             rate = channel.spec.sample_rate
-            seconds = Fraction(event.timestamp, rate)
-            if self._origin is None:
-                self._origin = seconds
-            start = int((seconds - self._origin) * rate)
+            base = self._origin_at.get(rate)
+            if base is None:
+                if self._origin is None:
+                    self._origin = Fraction(event.timestamp, rate)
+                scaled = self._origin * rate
+                if scaled.denominator == 1:  # the usual case: integer math per frame
+                    base = self._origin_at[rate] = int(scaled)
+            if base is not None:
+                start = event.timestamp - base
+            else:
+                assert self._origin is not None
+                start = int((Fraction(event.timestamp, rate) - self._origin) * rate)
         elif self._origin is None:
             self._origin = Fraction(0)
         await channel.push(start, event.payload)
