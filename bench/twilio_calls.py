@@ -3,24 +3,29 @@
 Processes (all on loopback):
 
 * the gateway: ``gateway serve`` -- the process measured -- with the AssemblyAI engine pointed at
-* a peer: ``gateway stt-server --engine scripted`` (a few words every 3 s, so finals flow), and
+* a peer: ``gateway stt-server --engine scripted`` (a two-word turn every 3 s, so finals flow);
 * the callers: this file's ``_simulate`` role, ``simulate_calls`` playing a real two-party call
-  (``samples/diane_sheila.wav``, looped to length) at real time, 20 ms µ-law frames per track,
-  the calls' starts spread over ``--ramp`` seconds.
+  (``samples/diane_sheila.wav``, looped to length) at real time, 20 ms µ-law frames on both
+  tracks, signed like Twilio, the calls' starts spread over ``--ramp`` s (default max(5, N/25)).
 
 The gateway is pinned to one core (``--gateway-core``, default 0), everything else -- the peer,
-the callers and this script -- to the others (default: every other core), so "on one core" is
-literal. Once all N calls are up, the steady-state window (``--seconds``) measures, from /proc,
-the gateway's CPU (utime + stime over wall time) and resident memory (VmRSS; against a baseline
-taken after one warm-up call, before the N calls), and from its ``/metrics`` the delay from the
+the callers and this script -- to the others (default: all the other cores), so "on one core" is
+literal. After one warm-up call the baseline is taken; then the N calls start, and the window
+(``--seconds``) opens ``--settle`` s after the last start. Over the window the gateway's CPU
+(utime + stime / wall, from /proc) and memory (VmRSS median - baseline, and its growth) are
+measured, and from its ``/metrics`` (scraped every second from a thread) the delay from the
 arrival of a chunk's last audio frame to the chunk leaving on the STT socket
-(``callgate_stt_send_delay_seconds``: bucketed, so percentiles are interpolated within buckets).
-With ``--first-frame-delay`` the gateway also records the delay from a chunk's *first* frame (it
-includes waiting for the 100 ms chunk to fill) through a histogram this script adds at startup.
+(``callgate_stt_send_delay_seconds``: bucketed, so percentiles are interpolated within the
+buckets; the last finite bucket is 2 s). With ``--first-frame-delay`` the gateway also records
+the delay from a chunk's *first* frame (it includes waiting for the 100 ms chunk to fill) in a
+histogram this script adds to it at startup (a little extra work in the gateway).
 
-Falling behind real time shows as: the gateway receiving fewer than 100 frames per call-second,
-the send delay growing across the window, its CPU near 100 % of the core, the callers finishing
-well after the audio's duration, or stream errors (``rate_exceeded``) / STT closes.
+Falling behind real time shows as: fewer than 100 frames handled per call-second, the send delay
+growing across the window, /metrics answered late (the event loop is behind), the core at
+~100 %, callers finishing late or not completing (1006: the close handshake timed out), STT
+reconnects (handshakes time out on a late loop), stream errors (``rate_exceeded``). Busy time on
+the gateway's core from anything else is reported (``other_cpu_on_gateway_core_percent``,
+approximate: /proc/stat ticks) and flagged as DISTURBED above 5 %.
 
     .venv/bin/python bench/twilio_calls.py [--calls 50,200,500] [--seconds 30] [--json FILE]
 
@@ -72,7 +77,8 @@ _first = []
 
 def __init__(self):
     _init(self)
-    buckets = [b for b in self.stt_send_delay._upper_bounds if b != float("inf")]
+    bounds = getattr(self.stt_send_delay, "_upper_bounds", [0.005, 0.01, 0.05, 0.1, 1.0, 2.0])
+    buckets = [b for b in bounds if b != float("inf")]
     _first.append(Histogram(
         "bench_stt_send_delay_from_first_seconds",
         "(bench) From the arrival of a chunk's first audio frame to the chunk on the STT socket",
@@ -451,7 +457,9 @@ class Scraper:
         self._thread.join(70)
 
 
-def run_one(n: int, args: argparse.Namespace, gw_cores: set[int], load_cores: set[int]) -> dict:
+def run_one(
+    n: int, args: argparse.Namespace, gw_cores: set[int], load_cores: set[int]
+) -> dict[str, Any]:
     ramp_s = args.ramp if args.ramp is not None else max(5.0, n / 25)
     audio_s = ramp_s + args.settle + args.seconds + args.tail
     script_turns = stt_script(audio_s)
@@ -636,11 +644,11 @@ def summarize(
     scrapes: list[Scrape],
     baseline: Scrape,
     final: Scrape,
-    sim: dict,
-    script_turns: list,
+    sim: dict[str, Any],
+    script_turns: list[list[list[object]]],
     gw_cores: set[int],
-    extra: dict,
-) -> dict:
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     start, end = window
     in_window = [p for p in procs if p.at >= start - 0.5]
     p0, p1 = in_window[0], in_window[-1]
@@ -772,7 +780,7 @@ def summarize(
 # -- report --------------------------------------------------------------------------------------
 
 
-def verdict(r: dict) -> list[str]:
+def verdict(r: dict[str, Any]) -> list[str]:
     """Why this run fell behind real time or lost something (empty: it kept up)."""
     problems = []
     if not r["metrics_answered_in_window"]:
@@ -814,7 +822,7 @@ def verdict(r: dict) -> list[str]:
     return problems
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     def delay(value: float | None) -> str:
         if value is None:
             return "-"
@@ -914,6 +922,11 @@ def main() -> int:
     if nofile < need:
         print(f"warning: RLIMIT_NOFILE {nofile} < {need} sockets needed", file=sys.stderr)
     os.sched_setaffinity(0, load_cores)  # this script's own sampling stays off the gateway's core
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # run_one's cleanup stops the children
+
+    signal.signal(signal.SIGTERM, on_term)
     results = []
     for n in counts:
         print(
@@ -923,6 +936,9 @@ def main() -> int:
         )
         try:
             r = run_one(n, args, gw_cores, load_cores)
+        except KeyboardInterrupt:
+            print("interrupted (every child process stopped)", file=sys.stderr)
+            return 130
         except (RuntimeError, OSError) as exc:
             print(f"  N={n} failed: {exc}", file=sys.stderr, flush=True)
             results.append({"calls": n, "failed": str(exc)})
@@ -945,7 +961,8 @@ def main() -> int:
         "first_frame_delay": args.first_frame_delay,
         "results": results,
     }
-    print(json.dumps(report, indent=2))
+    if args.json is None:
+        print(json.dumps(report, indent=2))
     print(table([r for r in results if "failed" not in r]))
     for r in results:
         if "failed" in r:

@@ -150,7 +150,8 @@ class CallRegistry:
         return live
 
     async def _finished(self, live: LiveCall) -> None:
-        self._active.pop(live.call_id, None)
+        # The call counts as active until its finish hooks (store, files, webhooks) have run,
+        # so "no active calls" means everything is flushed.
         if live.key and self._by_key.get((live.source, live.key)) is live:
             del self._by_key[(live.source, live.key)]
         if live.call.state is not CallState.NEW and self._recent_limit:
@@ -164,6 +165,7 @@ class CallRegistry:
                 except Exception as exc:  # noqa: BLE001 - one bad hook must not stop the others
                     log.error("registry.finish_hook_failed", call_id=live.call_id, error=repr(exc))
         finally:
+            self._active.pop(live.call_id, None)
             if not self._active:
                 self._idle.set()
 

@@ -17,8 +17,8 @@ The firehose (:meth:`LiveHub.subscribe_all`) carries every call's events with a 
 sequence number and keeps the last ``firehose_buffer`` for resume.
 
 Memory: a call's log keeps every event while the call is active, except that partials of turns
-already final are compacted away once the log is long (a resuming client skips those superseded
-partials; their turn's final carries the whole text). Finished calls' logs stay for the most recent
+already final are compacted away (beyond the newest 300 events) once the log is long (a
+resuming client skips those superseded partials; their turn's final carries the whole text). Finished calls' logs stay for the most recent
 ``keep_finished`` calls; older ones are served from the store.
 """
 
@@ -48,8 +48,8 @@ log = get_logger("gateway.live")
 Persist = Callable[[CallEvent, "dict[str, Any] | None"], Awaitable[None]]
 """``persist(event, extra)``: commit the event (and, for call.ended, ``extra`` = the document)."""
 
-_COMPACT_AT = 4000  # events in a log before superseded partials are compacted
-_KEEP_RECENT = 1000  # the newest events are never compacted (clients resuming soon after a drop)
+_COMPACT_AT = 600  # events in a log before superseded partials are first compacted
+_KEEP_RECENT = 300  # the newest events are never compacted (clients resuming soon after a drop)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +110,7 @@ class CallPublisher:
         self.call_id = call.call_id
         self.log = EventLog(call.call_id)
         self.subscribers: set[Subscription] = set()
+        self._compact_at = _COMPACT_AT
         self._queue: asyncio.Queue[
             tuple[str, dict[str, Any], dict[str, Any] | None, float] | None
         ] = asyncio.Queue()
@@ -152,8 +153,11 @@ class CallPublisher:
                             error=repr(exc),
                         )
                 self.hub.publish(self, event)
-                if len(self.log) > _COMPACT_AT:
+                if len(self.log) > self._compact_at:
                     self.log.compact(keep_last=_KEEP_RECENT)
+                    # Amortized: finals and utterances stay, so compact again only once the log
+                    # has doubled (each compaction scans the whole log).
+                    self._compact_at = max(_COMPACT_AT, 2 * len(self.log))
         finally:
             self.done.set()
 
