@@ -18,8 +18,9 @@ sequence number and keeps the last ``firehose_buffer`` for resume.
 
 Memory: a call's log keeps every event while the call is active, except that partials of turns
 already final are compacted away (beyond the newest 300 events) once the log is long (a
-resuming client skips those superseded partials; their turn's final carries the whole text). Finished calls' logs stay for the most recent
-``keep_finished`` calls; older ones are served from the store.
+resuming client skips those superseded partials; their turn's final carries the whole text).
+Finished calls' logs stay for the most recent ``keep_finished`` calls; older ones are served
+from the store.
 """
 
 from __future__ import annotations
