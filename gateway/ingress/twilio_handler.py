@@ -217,6 +217,7 @@ class _Stream:
         calls = handler._settings.calls
         self.max_speed = calls.max_speed
         self.burst_ms = calls.burst_s * 1000
+        self.frames = self.bytes = self.frames_counted = self.bytes_counted = 0
 
     async def run(self) -> None:
         detach_reason = "disconnected"
@@ -243,6 +244,7 @@ class _Stream:
                     break
         finally:
             await self._flush_reorder()
+            self.count_media()
             if self.live is not None:
                 self.live.detach(self.link, detach_reason)
 
@@ -294,9 +296,12 @@ class _Stream:
     async def _audio(self, event: Audio) -> None:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
-        h = self.h
-        h._frames.inc()
-        h._bytes.inc(len(event.payload))
+        # Counted here, added to the Prometheus counters every 50 frames and at the end: two
+        # locked counter increments per frame were a measurable share of the per-frame cost.
+        self.frames += 1
+        self.bytes += len(event.payload)
+        if self.frames - self.frames_counted >= 50:
+            self.count_media()
         now = time.monotonic()
         elapsed_ms = (now - self.started_at) * 1000
         if self.decoder.media_ms_received > self.burst_ms + self.max_speed * elapsed_ms:
@@ -308,7 +313,16 @@ class _Stream:
             )
         if live.first_media_at is None:
             live.first_media_at = now
-        await self._call_handle(placement.place(event, lambda: live.continuation_base(now)))
+        if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
+            event = placement.place(event, lambda: live.continuation_base(now))
+        await self._call_handle(event)
+
+    def count_media(self) -> None:
+        """Add the frames and bytes not yet counted to the media metrics."""
+        h = self.h
+        h._frames.inc(self.frames - self.frames_counted)
+        h._bytes.inc(self.bytes - self.bytes_counted)
+        self.frames_counted, self.bytes_counted = self.frames, self.bytes
 
     async def _call_handle(self, event: IngressEvent) -> None:
         assert self.live is not None
