@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -393,7 +393,17 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"--demo-param: expected KEY=VALUE, got {item!r}")
         params[key.strip()] = value
     configure_logging(level, settings.logging.format)
-    return asyncio.run(_run_server(settings, host, port, demo, args.demo_speed, params))
+    with asyncio.Runner(loop_factory=_loop_factory(conf.event_loop)) as runner:
+        return runner.run(_run_server(settings, host, port, demo, args.demo_speed, params))
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop constructor for ``server.event_loop`` (None: asyncio's default)."""
+    if name == "asyncio":
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 async def _run_server(
@@ -424,7 +434,7 @@ async def _run_server(
         demo_params = {settings.twilio.secret_parameter: secret, **demo_params}
     app = make_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    print("callgate: loading the speech engine ...", file=sys.stderr, flush=True)
+    _say("callgate: loading the speech engine ...", "serve.loading")
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -499,7 +509,11 @@ async def _run_server(
         )
     try:
         await stop.wait()
-        print("callgate: stopping: finishing active calls ...", file=sys.stderr, flush=True)
+        _say(
+            "callgate: stopping: finishing active calls ...",
+            "serve.draining",
+            active_calls=app[REGISTRY].active_count,
+        )
         notifier.stopping(f"draining {app[REGISTRY].active_count} calls")
         await drain(app)
     finally:
@@ -512,6 +526,17 @@ async def _run_server(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0
+
+
+def _say(text: str, event: str, **fields: object) -> None:
+    """A progress line: plain text for a person at a terminal, a log record otherwise (stderr
+    then carries JSON lines only, which journald and log shippers parse)."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+    else:
+        import structlog
+
+        structlog.get_logger("gateway.serve").info(event, **fields)
 
 
 async def _play_demo(

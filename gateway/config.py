@@ -172,6 +172,9 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(30.0, ge=0, le=86400)
     data_dir: str = "data"
     recent_calls: int = Field(1000, ge=0, le=1000000)
+    # uvloop (libuv) roughly halves the event loop's own cost per WebSocket message; "asyncio"
+    # is the stdlib loop, for debugging or platforms without uvloop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("public_url")
     @classmethod

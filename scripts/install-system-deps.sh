@@ -12,6 +12,7 @@ PACKAGES=(
     chromium          # tests/test_dashboard_browser.py: the dashboard in a headless browser
     chromium-driver   # ... and the WebDriver that Selenium drives it with (/usr/bin/chromedriver)
     systemd           # tests/test_systemd_unit.py: systemd-analyze verify / security
+    prometheus        # tests/test_monitoring_assets.py: promtool check rules / test rules / check metrics
 )
 
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then
