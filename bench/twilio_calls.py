@@ -766,13 +766,14 @@ def summarize(
         "segments": segments,
         "timeline": timeline,
         "simulator": sim,
-        "calls_finished": labelled("callgate_calls_total", "outcome"),
+        "calls_finished": labelled("callgate_calls_ended_total", "outcome"),
         "finals": int(delta("callgate_turn_finals_total")),
         "finals_expected": n * 2 * per_session_turns,
         "transcripts_written": labelled("callgate_transcripts_written_total", "result"),
         "stream_errors": labelled("callgate_stream_errors_total", "reason"),
         "streams_rejected": labelled("callgate_streams_rejected_total", "reason"),
-        "stt_channel_failures": int(delta("callgate_stt_channel_failures_total")),
+        "stt_channel_failures": int(delta("callgate_stt_failures_total")),
+        "stt_reconnects": int(delta("callgate_stt_reconnects_total")),
         **extra,
     }
 
@@ -817,6 +818,8 @@ def verdict(r: dict[str, Any]) -> list[str]:
             f"DISTURBED: other work took {r['other_cpu_on_gateway_core_percent']}% of the "
             "gateway's core"
         )
+    if r["stt_reconnects"]:
+        problems.append(f"{r['stt_reconnects']} STT reconnects")
     if r["stt_channel_failures"]:
         problems.append(f"{r['stt_channel_failures']} STT channels failed")
     return problems

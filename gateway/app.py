@@ -8,19 +8,20 @@ Routes (paths of the ingress endpoints come from config)::
     GET  /metrics                                              Prometheus text format
     GET  /v1/calls, /v1/calls/{id}, /v1/calls/{id}/transcript  calls and transcripts
 
-Startup/cleanup contexts (in order): metrics, the STT engines (the default one started before
-the first request), the call registry (on cleanup: cancel and await everything it owns). A
+Startup/cleanup contexts (in order): the event-loop lag watcher, the STT engines (the default
+one started before the first request), the store (with webhooks), the call registry (on cleanup:
+cancel and await everything it owns). A
 graceful stop is :func:`drain` (stop admitting, finish calls up to the drain timeout, end the
 rest) followed by the runner's cleanup; ``gateway serve`` does both on SIGTERM/SIGINT.
 
-The REST routes are a first cut of the API (issue 5 adds the store, live feeds and tokens with
-roles): without ``api.tokens`` they answer loopback clients only, since transcripts and
+Without ``api.tokens`` the REST routes answer loopback clients only, since transcripts and
 phone numbers are personal data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,15 +34,22 @@ from aiohttp import web
 from gateway.api import routes as api
 from gateway.api.auth import ApiAuth, cors_middleware
 from gateway.api.routes import add_routes
-from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged
+from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged, Listener
 from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
+from gateway.ingress.audiohook_handler import AudioHookHandler
 from gateway.ingress.twilio import Dialect
 from gateway.ingress.twilio_handler import MediaStreamHandler
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
 from gateway.observability.logging import get_logger
-from gateway.observability.metrics import CONTENT_TYPE, Metrics
+from gateway.observability.loop_lag import watch_loop_lag
+from gateway.observability.metrics import (
+    CONTENT_TYPE,
+    MediaTotals,
+    Metrics,
+    StateSnapshot,
+)
 from gateway.outputs.events import CallEvent
 from gateway.outputs.live import LiveHub
 from gateway.outputs.recorder import CallRecorder
@@ -49,11 +57,14 @@ from gateway.outputs.store import SqliteStore
 from gateway.outputs.transcript_files import TranscriptFiles
 from gateway.outputs.webhooks import WebhookSender, deliveries_for, event_body
 from gateway.stt.engines import EngineSet
+from gateway.transcript.model import TurnUpdate
 
 log = get_logger("gateway.app")
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+# Audio totals of calls that have finished (the live ones are read from the calls at scrape time).
+FINISHED_MEDIA = web.AppKey("finished_media", MediaTotals)
 ENGINES = web.AppKey("engines", EngineSet)
 REGISTRY = web.AppKey("registry", CallRegistry)
 TRANSCRIPTS = web.AppKey("transcripts", TranscriptFiles)
@@ -66,6 +77,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[FINISHED_MEDIA] = MediaTotals()
     app[ENGINES] = engines or EngineSet(settings)
     app[REGISTRY] = CallRegistry(
         max_calls=settings.server.max_calls, recent=settings.server.recent_calls
@@ -83,6 +95,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     )
     # Startup in this order, cleanup in reverse: calls end (and publish) before the webhook
     # sender and the store close.
+    app.cleanup_ctx.append(_loop_lag_ctx)
     app.cleanup_ctx.append(_engines_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
@@ -110,6 +123,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
             metrics=app[METRICS],
         )
         app.router.add_get(conf.path, handler.handle, name=f"{dialect}_stream")
+    _add_more_ingress(app, settings, paths)
     if settings.twilio.enabled and settings.twilio.voice_path:
         app.router.add_post(settings.twilio.voice_path, _twilio_voice, name="twilio_voice")
     app.router.add_get("/healthz", _healthz)
@@ -119,12 +133,36 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     return app
 
 
+def _add_more_ingress(app: web.Application, settings: Settings, paths: set[str]) -> None:
+    """The AudioHook and stereo PCM WebSocket endpoints (when enabled)."""
+    registry, engines, metrics = app[REGISTRY], app[ENGINES], app[METRICS]
+    conf = settings.audiohook
+    if conf.enabled:
+        if conf.path in paths:
+            raise ValueError(f"audiohook.path {conf.path!r} is used by another endpoint")
+        paths.add(conf.path)
+        audiohook = AudioHookHandler(
+            conf, settings=settings, registry=registry, engines=engines, metrics=metrics
+        )
+        app.router.add_get(conf.path, audiohook.handle, name="audiohook_stream")
+
+
 async def drain(app: web.Application) -> None:
     """Graceful stop: no new calls, active calls finish (bounded), everything flushed."""
     await app[REGISTRY].drain(app[SETTINGS].server.drain_timeout_s)
 
 
 # -- contexts ------------------------------------------------------------------------------------
+
+
+async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(watch_loop_lag(app[METRICS].loop_lag.observe), name="loop-lag")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -264,6 +302,103 @@ def _record_calls(registry: CallRegistry, directory: Path) -> None:
     registry.on_finished(finished)
 
 
+def _count_call_starts(metrics: Metrics) -> Listener:
+    def listener(call: Call, output: CallOutput) -> None:
+        if isinstance(output, CallStateChanged) and output.state is CallState.ACTIVE:
+            metrics.calls_started.labels(call.source).inc()
+
+    return listener
+
+
+def _observe_turns(metrics: Metrics) -> Listener:
+    """Attach a turn observer to each call as it starts: partials, finals, STT latency."""
+
+    def observe(call: Call, update: TurnUpdate, latency_s: float | None) -> None:
+        engine = call.engine.name
+        if not update.final:
+            metrics.partials.labels(engine).inc()
+            return
+        metrics.finals.labels(engine).inc()
+        if latency_s is not None:
+            metrics.final_latency.labels(engine).observe(latency_s)
+
+    def listener(call: Call, output: CallOutput) -> None:
+        if isinstance(output, CallStateChanged) and output.state is CallState.ACTIVE:
+            call.turn_observer = observe
+
+    return listener
+
+
+def _media_of(live: LiveCall) -> MediaTotals:
+    totals = MediaTotals()
+    source = live.source
+    for channel in live.call.channels.values():
+        rate = channel.spec.sample_rate
+        key = (source, channel.spec.role)
+        totals.received_s[key] = totals.received_s.get(key, 0.0) + (channel.received_samples / rate)
+        totals.filled_s[key] = totals.filled_s.get(key, 0.0) + (channel.clock.filled_samples / rate)
+        clock = channel.clock
+        for reason, n in (
+            ("late", clock.late_frames - clock.duplicate_frames),
+            ("duplicate", clock.duplicate_frames),
+        ):
+            totals.dropped[(source, reason)] = totals.dropped.get((source, reason), 0) + n
+    return totals
+
+
+def _snapshot(app: web.Application) -> StateSnapshot:
+    """The live state /metrics shows, read at scrape time (on the loop: consistent)."""
+    finished_media = app[FINISHED_MEDIA]
+    registry = app[REGISTRY]
+    engines = app[ENGINES]
+    hub = app[api.HUB]
+    settings = app[SETTINGS]
+    media = MediaTotals()
+    media.add(finished_media)
+    calls_active: dict[str, int] = {}
+    sessions_active = {engine.name: 0 for engine in engines.started_engines()}
+    queued_ms = 0
+    for live in registry.active():
+        calls_active[live.source] = calls_active.get(live.source, 0) + 1
+        call = live.call
+        if call.state is CallState.NEW:
+            continue
+        if not live.accounted:
+            media.add(_media_of(live))
+        if call.state in (CallState.ACTIVE, CallState.ENDING):
+            for channel in call.channels.values():
+                if channel.failed is None:
+                    name = call.engine.name
+                    sessions_active[name] = sessions_active.get(name, 0) + 1
+                    queued_ms = max(queued_ms, channel.session.queued_ms)
+    starts: dict[str, int] = {}
+    reconnects: dict[tuple[str, str], int] = {}
+    failures: dict[tuple[str, str], int] = {}
+    for engine in engines.started_engines():
+        stats = engine.stats
+        starts[engine.name] = starts.get(engine.name, 0) + stats.session_starts
+        for reason, n in stats.reconnects.items():
+            reconnects[(engine.name, reason)] = reconnects.get((engine.name, reason), 0) + n
+        for reason, n in stats.failures.items():
+            failures[(engine.name, reason)] = failures.get((engine.name, reason), 0) + n
+    sources = [
+        name for name in ("twilio", "telnyx", "signalwire") if getattr(settings, name).enabled
+    ]
+    return StateSnapshot(
+        sources=sources,
+        calls_active=calls_active,
+        media=media,
+        sessions_active=sessions_active,
+        session_starts=starts,
+        reconnects=reconnects,
+        failures=failures,
+        queued_audio_s=queued_ms / 1000,
+        events_published=hub.published,
+        subscriber_drops=hub.dropped_subscribers,
+        ready=registry.accepting and engines.started(engines.default),
+    )
+
+
 def _hook_send_delay(engine: object, hook: Callable[[float, float], None]) -> None:
     # Engines that stream to a socket (the AssemblyAI client) report each chunk's delay.
     if hasattr(engine, "on_chunk_sent"):
@@ -275,23 +410,23 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     files = app[TRANSCRIPTS]
     hub = app[api.HUB]
-    metrics.calls_active.set_function(lambda: registry.active_count)
     metrics.live_subscribers.set_function(lambda: hub.subscriber_count)
-    metrics.events_published.set_function(lambda: hub.published)
-    metrics.subscriber_drops.set_function(lambda: hub.dropped_subscribers)
+    finished_media = app[FINISHED_MEDIA]
     registry.add_listener(hub.listener)
+    registry.add_listener(_count_call_starts(metrics))
+    registry.add_listener(_observe_turns(metrics))
 
     async def finished(live: LiveCall) -> None:
         call = live.call
+        if call.state is not CallState.NEW:
+            finished_media.add(_media_of(live))  # before any await: scrapes see it once
+        live.accounted = True
         await hub.finished(call.call_id)  # every event of the call published (and stored)
         if call.state is CallState.NEW:
             return  # never started (refused at start): nothing to store or count
         outcome = "ended" if call.state is CallState.ENDED else "failed"
-        metrics.calls.labels(live.source, outcome).inc()
-        metrics.finals.labels(call.engine.name).inc(call.finals)
-        failed = sum(1 for c in call.channels.values() if c.failed)
-        if failed:
-            metrics.stt_channel_failures.labels(call.engine.name).inc(failed)
+        metrics.calls_ended.labels(live.source, outcome).inc()
+        metrics.call_duration.labels(live.source).observe(call.duration_ms / 1000)
         try:
             path = await files.write(call)
         except OSError as exc:
@@ -434,7 +569,9 @@ def _maybe_require(request: web.Request) -> None:
 
 async def _metrics(request: web.Request) -> web.Response:
     _maybe_require(request)
-    body = request.app[METRICS].exposition()
+    # Rendering reads /proc and walks every collector: off the loop, with the live state
+    # snapshotted on it first.
+    body = await asyncio.to_thread(request.app[METRICS].exposition, _snapshot(request.app))
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE
     return resp

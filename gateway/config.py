@@ -296,6 +296,99 @@ class SignalWireSettings(MediaStreamSettings):
     path: str = "/signalwire/stream"
 
 
+def _url_path(value: str) -> str:
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value):
+        raise ValueError(f"must be a URL path starting with '/', got {value!r}")
+    return value
+
+
+class AudioHookSettings(_Section):
+    """Genesys AudioHook Monitor endpoint (a WebSocket Genesys Cloud connects to)."""
+
+    enabled: bool = True
+    path: str = "/audiohook/ws"
+    # "API_KEY" or "API_KEY:CLIENT_SECRET_BASE64" entries; a key with a secret must sign.
+    api_keys: tuple[SecretStr, ...] = ()
+    # With no api_keys, sessions are refused (disconnect unauthorized) unless this is true.
+    allow_unauthenticated: bool = False
+    max_signature_age_s: float = Field(10.0, gt=0, le=3600)
+    clock_skew_s: float = Field(3.0, ge=0, le=600)
+    min_nonce_length: int = Field(22, ge=0, le=1024)
+    # Refusals are answered no sooner than this after the upgrade request (timing leaks).
+    auth_failure_delay_s: float = Field(0.5, ge=0, le=30)
+    external_role: str = "customer"
+    internal_role: str = "agent"
+    # Media formats accepted, in order of preference.
+    formats: tuple[Literal["PCMU", "L16"], ...] = ("PCMU", "L16")
+    max_message_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    # The client must send `open` within this time after the upgrade (s).
+    open_timeout_s: float = Field(10.0, gt=0, le=600)
+    # After our `disconnect`, wait this long for the client's `close` (s).
+    close_timeout_s: float = Field(5.0, gt=0, le=600)
+    # A session that continues this one (continuedSessions) may arrive within this time (s).
+    reconnect_grace_s: float = Field(10.0, ge=0, le=600)
+    # Send our transcripts back to Genesys as `event` messages with `transcript` entities.
+    send_transcripts: bool = False
+    # ... partials too (else finals only).
+    send_partials: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _url_path(value)
+
+    @model_validator(mode="after")
+    def _keys(self) -> AudioHookSettings:
+        from gateway.ingress.audiohook_signature import parse_key_entries
+
+        try:
+            parse_key_entries(k.get_secret_value() for k in self.api_keys)
+        except ValueError as exc:
+            raise ValueError(f"api_keys: {exc}") from None
+        if not self.formats:
+            raise ValueError("formats must name at least one format")
+        return self
+
+
+class StereoWsSettings(_Section):
+    """Stereo PCM WebSocket: FreeSWITCH mod_audio_fork / mod_audio_stream, jambonz listen."""
+
+    enabled: bool = True
+    path: str = "/stereo/ws"
+    # Subprotocols accepted (the client's offer is echoed); with accept_any_subprotocol any
+    # offered one is echoed.
+    subprotocols: tuple[str, ...] = (
+        "audio.drachtio.org",
+        "audio.jambonz.org",
+        "audiostream.drachtio.org",
+    )
+    accept_any_subprotocol: bool = True
+    # Basic auth (jambonz wsAuth); the password is a secret.
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    # A shared secret in the header `secret_header` (mod_audio_stream STREAM_EXTRA_HEADERS), or
+    # as ?token= on the URL (mod_audio_fork, which sends no headers).
+    shared_secret: SecretStr = SecretStr("")
+    secret_header: str = "X-Callgate-Secret"
+    # With neither basic auth nor a shared secret, streams are refused unless this is true.
+    allow_unsigned: bool = False
+    # Used when the metadata (first text frame) and the query (?sampleRate=&mixType=) say nothing.
+    sample_rate: int = Field(8000, ge=8000, le=48000)
+    mix_type: Literal["stereo", "mono", "mixed"] = "stereo"
+    # Roles: stereo left (channel 0, FreeSWITCH's read stream: the caller) and right; mono.
+    left_role: str = "customer"
+    right_role: str = "agent"
+    mono_role: str = "customer"
+    max_message_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
+    # A new stream with the same callSid (jambonz) within this time continues the call (s).
+    reconnect_grace_s: float = Field(0.0, ge=0, le=600)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        return _url_path(value)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -325,6 +418,8 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = TwilioSettings()
     telnyx: TelnyxSettings = TelnyxSettings()
     signalwire: SignalWireSettings = SignalWireSettings()
+    audiohook: AudioHookSettings = AudioHookSettings()
+    stereo_ws: StereoWsSettings = StereoWsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -231,3 +231,52 @@ async def send_messages(
             await ws.close()
             code, reason = ws.close_code, ""
         return Closed(code, reason)
+
+
+# -- AudioHook and stereo PCM WebSockets ---------------------------------------------------------
+
+AUDIOHOOK_KEY = "audiohook-test-api-key"
+AUDIOHOOK_SECRET = "c2VjcmV0LWZvci1hdWRpb2hvb2stdGVzdHMtMDEyMzQ1"  # base64
+STEREO_SECRET = "stereo-shared-secret"
+
+
+def ingress_settings_for(data_dir: Path, **sections: dict[str, Any]) -> Settings:
+    """:func:`settings_for` plus an AudioHook key with a client secret and a stereo-WS shared
+    secret; calls end as soon as their stream does (no reconnect grace)."""
+    merged: dict[str, dict[str, Any]] = {
+        "audiohook": {
+            "api_keys": [f"{AUDIOHOOK_KEY}:{AUDIOHOOK_SECRET}"],
+            "reconnect_grace_s": 0.0,
+            "close_timeout_s": 5.0,
+        },
+        "stereo_ws": {"shared_secret": STEREO_SECRET},
+    }
+    for name, values in sections.items():
+        merged.setdefault(name, {}).update(values)
+    return settings_for(data_dir, **merged)
+
+
+def silent_call(seconds: float, rate: int = 8000) -> Any:
+    """A two-channel CallAudio of silence (the scripted engine hears words anyway)."""
+    from gateway.simulate.twilio import CallAudio
+
+    pcm = b"\x00\x00" * int(seconds * rate)
+    return CallAudio(rate, pcm, pcm)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one series in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def by_role(doc: dict[str, Any]) -> dict[str, str]:
+    """Each role's words in a transcript document, in order."""
+    out: dict[str, list[str]] = {}
+    for u in doc["utterances"]:
+        out.setdefault(u["role"], []).append(u["text"])
+    return {role: " ".join(texts) for role, texts in out.items()}

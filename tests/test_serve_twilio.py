@@ -89,7 +89,7 @@ async def test_signed_stream_is_transcribed_stored_and_listed(tmp_path: Path) ->
             text = await resp.text()
         assert text.splitlines()[0] == "[00:00.1] customer: hello there"
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_calls_total", source="twilio", outcome="ended") == 1
+        assert _metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="ended") == 1
         assert _metric(metrics, "callgate_media_frames_total", source="twilio") == 200
 
 
@@ -513,6 +513,7 @@ async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path:
             async with s.get(f"{gw.http}/readyz") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["status"] == "ready"
+            assert _metric(await gw.metrics(), "callgate_ready") == 1
             messages = call_messages("CAREADY", 1.6)
             sender = asyncio.create_task(send_messages(gw.ws(), messages, interval_s=0.01))
             await poll_until(lambda: gw.registry.active_count > 0)
@@ -525,6 +526,7 @@ async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path:
                 assert "draining" in (await resp.json())["problems"]
             async with s.get(f"{gw.http}/healthz") as resp:
                 assert resp.status == 200  # alive while draining
+            assert _metric(await gw.metrics(), "callgate_ready") == 0
             assert gw.registry.active_count == 1  # the active call goes on
             closed = await sender
             await draining

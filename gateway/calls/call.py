@@ -77,6 +77,9 @@ class ChannelFailed:
 
 CallOutput = MergerOutput | CallStateChanged | ChannelFailed
 Listener = Callable[["Call", CallOutput], None]
+# observer(call, update, latency_s): every TurnUpdate from a session; latency_s (finals only) is
+# the time from the arrival of the audio at the turn's end to the final (the STT latency).
+TurnObserver = Callable[["Call", TurnUpdate, float | None], None]
 
 
 @dataclass(slots=True)
@@ -121,6 +124,7 @@ class Call:
         self._origin: Fraction | None = None  # call t=0 in seconds of the source media clock
         self._origin_at: dict[int, int] = {}  # the origin in samples, per rate where integral
         self._listeners: list[Listener] = []
+        self.turn_observer: TurnObserver | None = None
         self._audio_taps: list[Callable[[int, bytes], None]] = []
         self._readers: set[asyncio.Task[None]] = set()
         self._log = log.bind(call_id=self.call_id)
@@ -312,9 +316,16 @@ class Call:
             async for event in channel.session.events():
                 if isinstance(event, TurnUpdate):
                     outputs = merger.update(event)
+                    latency: float | None = None
                     if event.final:
                         self.finals += 1
                         self._log_final(event)
+                        rate = channel.spec.sample_rate
+                        arrived = channel.arrivals.arrival_of(event.end_ms * rate // 1000)
+                        if arrived is not None:
+                            latency = max(0.0, time.monotonic() - arrived)
+                    if self.turn_observer is not None:
+                        self.turn_observer(self, event, latency)
                 elif isinstance(event, Watermark):
                     outputs = merger.watermark(index, event.ms)
                 elif isinstance(event, SttError):
@@ -387,6 +398,7 @@ class Call:
             duration_s=round(self.duration_ms / 1000, 3),
             finals=self.finals,
             utterances=len(self.merger.utterances),
+            stt_reconnects=sum(getattr(c.session, "reconnects", 0) for c in self.channels.values()),
             late_audio_frames=sum(c.clock.late_frames for c in self.channels.values()),
             filled_ms=sum(c.filled_ms for c in self.channels.values()),
         )

@@ -6,8 +6,10 @@ releases, contiguous and gap-filled, goes to the channel's STT session in order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+from gateway.calls.arrivals import ArrivalLog
 from gateway.ingress.events import ChannelSpec
 from gateway.media.clock import ChannelClock
 from gateway.media.codec import silence
@@ -36,12 +38,16 @@ class Channel:
             silence(spec.codec, 1), reorder_window=reorder_window, max_jump=max_jump
         )
         self.sent = 0
+        # When each 50 ms of call time arrived: STT latency = final's time - its end's arrival.
+        self.arrivals = ArrivalLog(spec.sample_rate // 20)
         self.failed: str | None = None
         # Sees every released byte, in call-clock order (recording); set by the Call.
         self.tap: Callable[[int, bytes], None] | None = None
 
     async def push(self, start: int | None, payload: bytes) -> None:
-        await self._send(self.clock.push(start, payload))
+        clock = self.clock
+        await self._send(clock.push(start, payload))
+        self.arrivals.mark(clock.frontier, time.monotonic())
 
     async def fill_to(self, t: int) -> None:
         await self._send(self.clock.fill_to(t))
@@ -58,6 +64,11 @@ class Channel:
     @property
     def duration_ms(self) -> int:
         return self.sent * 1000 // self.spec.sample_rate
+
+    @property
+    def received_samples(self) -> int:
+        """Samples released to the session that came from the source (not gap fill)."""
+        return self.sent - self.clock.filled_samples
 
     @property
     def filled_ms(self) -> int:

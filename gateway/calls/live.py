@@ -100,6 +100,9 @@ class LiveCall:
         self.state = LiveState.LIVE
         self.streams_seen = 0
         self.first_media_at: float | None = None
+        # Set once the finished call's audio was added to the metrics' totals, so a scrape
+        # between then and the registry forgetting it does not count it twice.
+        self.accounted = False
         self._grace_s = grace_s
         self._spawn = spawn
         self._on_finished = on_finished

@@ -52,6 +52,7 @@ class ChannelClock:
         "_next",
         "_late_samples",
         "_late_frames",
+        "_duplicate_frames",
         "_filled_samples",
     )
 
@@ -83,6 +84,7 @@ class ChannelClock:
         self._next = 0  # where start=None places a frame: the end of the latest pushed frame
         self._late_samples = 0
         self._late_frames = 0
+        self._duplicate_frames = 0
         self._filled_samples = 0
 
     @property
@@ -109,6 +111,12 @@ class ChannelClock:
     def late_frames(self) -> int:
         """Frames of which at least one sample was dropped as late."""
         return self._late_frames
+
+    @property
+    def duplicate_frames(self) -> int:
+        """Of :attr:`late_frames`, those that only overlapped audio still pending (a copy seen
+        within the reorder window); the rest came after their place was released."""
+        return self._duplicate_frames
 
     @property
     def filled_samples(self) -> int:
@@ -155,7 +163,10 @@ class ChannelClock:
             if end > self._frontier:
                 self._buf += self._silence * (end - self._frontier)
                 self._frontier = end
-            dropped += self._write(lo, end, memoryview(payload), start)
+            overlap = self._write(lo, end, memoryview(payload), start)
+            if overlap and not dropped:
+                self._duplicate_frames += 1
+            dropped += overlap
         if dropped:
             self._late_samples += dropped
             self._late_frames += 1

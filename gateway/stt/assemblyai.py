@@ -39,7 +39,7 @@ from gateway.media import codec as codecs
 from gateway.media.codec import Codec, silence
 from gateway.observability.logging import get_logger
 from gateway.stt.chunker import AudioChunker, Pacer
-from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
+from gateway.stt.session import EngineStats, SessionParams, SttError, SttEvent, Watermark
 from gateway.stt.v3_protocol import (
     Begin,
     CloseAction,
@@ -74,6 +74,19 @@ class _ConnectionResult:
     reason: str
     began: bool = False  # the session reached Begin (a working connection: retries reset)
     backoff_floor: float = 0.0
+    kind: str = "other"  # a bounded token for metric labels (close_1006, connect_failed, ...)
+
+
+# Close codes that get their own metric label; anything else a server sends is "close_other".
+_LABELLED_CODES = frozenset(
+    {1000, 1001, 1002, 1003, 1006, 1007, 1008, 1009, 1011, 1012, 1013, 3005, 3006, 3007, 3008, 3009}
+)
+
+
+def _close_kind(code: int | None) -> str:
+    if code is None:
+        return "connection_lost"
+    return f"close_{code}" if code in _LABELLED_CODES else "close_other"
 
 
 class AssemblyAIEngine:
@@ -84,8 +97,7 @@ class AssemblyAIEngine:
     def __init__(self, settings: AssemblyAISettings) -> None:
         self.settings = settings
         self.sessions: set[AssemblyAISession] = set()
-        self.reconnects = 0
-        self.failures = 0
+        self.stats = EngineStats()
         # Called per chunk with the seconds from the arrival (send()) of its first and of its
         # last sample to the chunk leaving on the socket; first transmissions only.
         self.on_chunk_sent: Callable[[float, float], None] | None = None
@@ -101,9 +113,20 @@ class AssemblyAIEngine:
         for session in list(self.sessions):
             await session.aclose()
 
+    @property
+    def reconnects(self) -> int:
+        """Reconnects of every session so far (planned rollovers included)."""
+        return self.stats.reconnects.total()
+
+    @property
+    def failures(self) -> int:
+        """Sessions that failed for good."""
+        return self.stats.failures.total()
+
     def open_session(self, params: SessionParams) -> AssemblyAISession:
         session = AssemblyAISession(self, params)
         self.sessions.add(session)
+        self.stats.session_starts += 1
         return session
 
 
@@ -143,6 +166,8 @@ class AssemblyAISession:
         self._kept = bytearray()
         self._kept_start = 0
         self._received = 0
+        self._on_socket = 0  # sample index up to which audio has left on a socket
+        self.reconnects = 0
         self._more = asyncio.Event()
         self._wake_at = 0  # sample index at which the sender has a whole chunk to send
         self._finishing = False
@@ -156,6 +181,10 @@ class AssemblyAISession:
         self._log = log.bind(channel=params.channel)
 
     # -- SttSession -----------------------------------------------------------------------------
+
+    @property
+    def queued_ms(self) -> int:
+        return self._ms(max(0, self._received - self._on_socket))
 
     async def send(self, audio: bytes) -> None:
         if self._finishing:
@@ -201,14 +230,18 @@ class AssemblyAISession:
                 result = await self._connect_once()
                 if result.outcome is _Outcome.DONE:
                     return
+                stats = self._engine.stats
                 if result.outcome is _Outcome.FAILED:
                     self._close_open_partial()
-                    self._engine.failures += 1
+                    stats.failures[result.kind] += 1
                     self._log.error("stt.failed", reason=result.reason, epoch=self._epoch)
                     self._output.put_nowait(SttError(self.params.channel, result.reason, True))
                     return
                 self._close_open_partial()
-                self._engine.reconnects += 1
+                stats.reconnects[
+                    "rollover" if result.outcome is _Outcome.ROLLOVER else result.kind
+                ] += 1
+                self.reconnects += 1
                 self._epoch += 1
                 if result.outcome is _Outcome.ROLLOVER:
                     attempt = 0
@@ -217,7 +250,7 @@ class AssemblyAISession:
                 if attempt > s.max_retries:
                     reason = f"gave up after {s.max_retries} retries: {result.reason}"
                     self._output.put_nowait(SttError(self.params.channel, reason, True))
-                    self._engine.failures += 1
+                    stats.failures["retries_exhausted"] += 1
                     return
                 delay = min(s.backoff_max_s, s.backoff_initial_s * 2 ** (attempt - 1))
                 delay = max(delay * random.uniform(0.5, 1.0), result.backoff_floor)
@@ -254,11 +287,14 @@ class AssemblyAISession:
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
+            text = f"handshake rejected (HTTP {status})"
             if status in (401, 403):
-                return _ConnectionResult(_Outcome.FAILED, f"handshake rejected (HTTP {status})")
-            return _ConnectionResult(_Outcome.RETRY, f"handshake rejected (HTTP {status})")
+                return _ConnectionResult(_Outcome.FAILED, text, kind="unauthorized")
+            return _ConnectionResult(_Outcome.RETRY, text, kind="handshake_rejected")
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            return _ConnectionResult(_Outcome.RETRY, f"connect failed: {exc!r}")
+            return _ConnectionResult(
+                _Outcome.RETRY, f"connect failed: {exc!r}", kind="connect_failed"
+            )
         try:
             return await self._converse(ws)
         finally:
@@ -274,17 +310,21 @@ class AssemblyAISession:
         try:
             first = await asyncio.wait_for(ws.recv(), s.begin_timeout_s)
         except TimeoutError:
-            return _ConnectionResult(_Outcome.RETRY, "no Begin within the timeout")
+            return _ConnectionResult(_Outcome.RETRY, "no Begin within the timeout", kind="no_begin")
         except ConnectionClosed as exc:
             return self._closed(exc, began=False)
         try:
             begin = parse_server_message(first if isinstance(first, str) else first.decode())
         except ProtocolError as exc:
-            return _ConnectionResult(_Outcome.RETRY, f"malformed message before Begin: {exc}")
+            return _ConnectionResult(
+                _Outcome.RETRY, f"malformed message before Begin: {exc}", kind="malformed"
+            )
         if not isinstance(begin, Begin):
             if isinstance(begin, ErrorMessage):
                 return self._error_result(begin.error_code, begin.error, began=False)
-            return _ConnectionResult(_Outcome.RETRY, f"expected Begin, got {type(begin).__name__}")
+            return _ConnectionResult(
+                _Outcome.RETRY, f"expected Begin, got {type(begin).__name__}", kind="malformed"
+            )
         self._log.info("stt.begin", session_id=begin.id, epoch=self._epoch)
         conn = _Conn(self, ws, begin)
         sender = asyncio.create_task(conn.send_loop())
@@ -304,18 +344,27 @@ class AssemblyAISession:
     def _error_result(self, code: int | None, reason: str, *, began: bool) -> _ConnectionResult:
         action = classify_close(code, reason)
         text = f"{code}: {reason}" if code is not None else reason
+        kind = _close_kind(code)
         if action is CloseAction.CLEAN:
-            return _ConnectionResult(_Outcome.RETRY, f"closed before Termination ({text})", began)
+            return _ConnectionResult(
+                _Outcome.RETRY, f"closed before Termination ({text})", began, kind=kind
+            )
         if action is CloseAction.FAIL:
-            return _ConnectionResult(_Outcome.FAILED, f"AssemblyAI refused the session ({text})")
+            return _ConnectionResult(
+                _Outcome.FAILED, f"AssemblyAI refused the session ({text})", kind=kind
+            )
         if action is CloseAction.BUG:
-            return _ConnectionResult(_Outcome.FAILED, f"protocol violation on our side ({text})")
+            return _ConnectionResult(
+                _Outcome.FAILED, f"protocol violation on our side ({text})", kind=kind
+            )
         if action is CloseAction.ROLLOVER:
             return _ConnectionResult(_Outcome.ROLLOVER, f"session expired ({text})", began)
         if action is CloseAction.BACKOFF:
             floor = self.settings.backoff_initial_s * 4
-            return _ConnectionResult(_Outcome.RETRY, f"rate limited ({text})", False, floor)
-        return _ConnectionResult(_Outcome.RETRY, text, began)
+            return _ConnectionResult(
+                _Outcome.RETRY, f"rate limited ({text})", False, floor, kind=kind
+            )
+        return _ConnectionResult(_Outcome.RETRY, text, began, kind=kind)
 
     # -- turns ----------------------------------------------------------------------------------
 
@@ -479,6 +528,7 @@ class _Conn:
                     await self.ws.send(chunk)
                     first = self.sent
                     self.sent += len(chunk) // s._width
+                    s._on_socket = max(s._on_socket, self.sent)
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
                     s._measure(first, self.sent)
                 if queued >= s._received:
@@ -523,11 +573,13 @@ class _Conn:
                 try:
                     raw = await asyncio.wait_for(self.ws.recv(), timeout)
                 except TimeoutError:
-                    return self._drained("no Termination within the timeout")
+                    return self._drained("no Termination within the timeout", "no_termination")
                 try:
                     message = parse_server_message(raw if isinstance(raw, str) else raw.decode())
                 except ProtocolError as exc:
-                    return _ConnectionResult(_Outcome.RETRY, f"malformed message: {exc}", True)
+                    return _ConnectionResult(
+                        _Outcome.RETRY, f"malformed message: {exc}", True, kind="malformed"
+                    )
                 if isinstance(message, Turn):
                     for event in self.tracker.feed(message):
                         if isinstance(event, FinalTurn):
@@ -555,11 +607,11 @@ class _Conn:
                 s._on_final(event.turn, self.offset_ms)
             return s._closed(exc, began=True)
 
-    def _drained(self, reason: str) -> _ConnectionResult:
+    def _drained(self, reason: str, kind: str) -> _ConnectionResult:
         for event in self.tracker.flush():
             self.s._on_final(event.turn, self.offset_ms)
         if self.rollover:
             return _ConnectionResult(_Outcome.ROLLOVER, reason, True)
         # Finishing without a Termination: the audio after the last final was not confirmed.
         # Retry so the tail is transcribed by a fresh session.
-        return _ConnectionResult(_Outcome.RETRY, reason, True)
+        return _ConnectionResult(_Outcome.RETRY, reason, True, kind=kind)

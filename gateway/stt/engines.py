@@ -47,6 +47,10 @@ class EngineSet:
         """Whether engine ``name`` is loaded and running."""
         return name in self._engines
 
+    def started_engines(self) -> list[SttEngine]:
+        """The engines loaded so far (for metrics)."""
+        return list(self._engines.values())
+
     def available(self, name: str) -> bool:
         """Whether ``name`` can run here: local always; assemblyai with a key or a URL."""
         if name == "local":

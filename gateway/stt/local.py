@@ -35,7 +35,7 @@ from gateway.stt.endpointing import (
     TurnSegmenter,
 )
 from gateway.stt.recognizer import Recognition, WhisperRecognizer
-from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
+from gateway.stt.session import EngineStats, SessionParams, SttError, SttEvent, Watermark
 from gateway.stt.vad import SileroModel, VoiceActivityStream
 from gateway.transcript.model import TurnUpdate, Word
 
@@ -58,6 +58,7 @@ class LocalEngine:
         self._vad_pool: ThreadPoolExecutor | None = None
         self._inflight = 0
         self.sessions: set[LocalSession] = set()
+        self.stats = EngineStats()
 
     @property
     def ready(self) -> bool:
@@ -100,6 +101,7 @@ class LocalEngine:
             raise RuntimeError("LocalEngine.start() was not awaited")
         session = LocalSession(self, params)
         self.sessions.add(session)
+        self.stats.session_starts += 1
         return session
 
     # -- worker-pool helpers used by sessions ----------------------------------------------------
@@ -195,15 +197,22 @@ class LocalSession:
         self._partial_task: asyncio.Task[None] | None = None
         self._last_watermark = -1
         self._finishing = False
+        self._queued_bytes = 0  # sent, not yet taken off the input queue
         self._task = asyncio.create_task(self._run(), name=f"stt-local-ch{params.channel}")
 
     # -- SttSession -----------------------------------------------------------------------------
+
+    @property
+    def queued_ms(self) -> int:
+        p = self.params
+        return self._queued_bytes // p.codec.sample_width * 1000 // p.sample_rate
 
     async def send(self, audio: bytes) -> None:
         if self._finishing:
             raise RuntimeError("send() after finish()")
         if self._task.done():
             return  # the session failed; its SttError is already in the event stream
+        self._queued_bytes += len(audio)
         await self._input.put(audio)
 
     async def force_endpoint(self) -> None:
@@ -261,7 +270,9 @@ class LocalSession:
                     else:
                         chunks.append(more)
                 if chunks:
-                    await self._process(b"".join(chunks), final=False)
+                    payload = b"".join(chunks)
+                    self._queued_bytes -= len(payload)
+                    await self._process(payload, final=False)
                 if force:
                     closed = self._segmenter.force_close()
                     if closed is not None:
@@ -276,6 +287,7 @@ class LocalSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a recognizer crash fails this channel only
+            self._engine.stats.failures["engine_error"] += 1
             self._output.put_nowait(SttError(self.params.channel, f"local engine: {exc}", True))
         finally:
             if self._partial_task is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.stt.session import SessionParams, SttEvent, Watermark
+from gateway.stt.session import EngineStats, SessionParams, SttEvent, Watermark
 from gateway.transcript.model import TurnUpdate, Word
 
 
@@ -104,6 +104,7 @@ class ScriptedEngine:
         self.final_delay_ms = final_delay_ms
         self.timecode = timecode
         self.sessions_opened = 0
+        self.stats = EngineStats()
 
     @property
     def ready(self) -> bool:
@@ -117,6 +118,7 @@ class ScriptedEngine:
 
     def open_session(self, params: SessionParams) -> ScriptedSession:
         self.sessions_opened += 1
+        self.stats.session_starts += 1
         return ScriptedSession(params, self.script, self.final_delay_ms, self.timecode)
 
 
@@ -137,6 +139,10 @@ class ScriptedSession:
         self._words_out = 0  # words of the current turn already shown in a partial
         self._queue: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._finished = False
+
+    @property
+    def queued_ms(self) -> int:
+        return 0  # audio is consumed as it is sent
 
     @property
     def audio_ms(self) -> int:

@@ -8,6 +8,7 @@ time of the first sample it was sent) before anything leaves ``gateway/stt/`` (i
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,6 +53,16 @@ class SttError:
 SttEvent = TurnUpdate | Watermark | SttError
 
 
+@dataclass(slots=True)
+class EngineStats:
+    """Counters an engine keeps for ``/metrics``, read at scrape time (plain ints: no locks on
+    the audio path). Reason keys are bounded tokens (``close_1006``, ``connect_failed``, ...)."""
+
+    session_starts: int = 0
+    reconnects: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
 class SttSession(Protocol):
     """One streaming recognition session for one channel.
 
@@ -68,6 +79,11 @@ class SttSession(Protocol):
 
     params: SessionParams
 
+    @property
+    def queued_ms(self) -> int:
+        """Audio sent to the session that the recognizer has not taken yet (ms): a backlog."""
+        ...
+
     async def send(self, audio: bytes) -> None: ...
 
     async def finish(self) -> None: ...
@@ -81,6 +97,7 @@ class SttEngine(Protocol):
     """A factory of sessions that owns shared resources (models, worker pools, connections)."""
 
     name: str
+    stats: EngineStats
 
     async def start(self) -> None:
         """Load models / open pools. Called once before the first session."""

@@ -1,0 +1,110 @@
+"""Pieces the thin aiohttp WebSocket shells of the AudioHook and stereo PCM ingresses share.
+
+The Twilio shell (``twilio_handler.py``) has its own copies; these follow the same rules: a
+refusal before the upgrade is an HTTP status plus ``streams_rejected{source, reason}`` and one
+warning line without headers or query string (they may carry secrets); a stream error is a
+close code plus ``reason: detail`` text, ``stream_errors{source, reason}`` and one warning.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import WSCloseCode, web
+
+from gateway.calls.call import CallOptions
+from gateway.config import Settings
+from gateway.observability.metrics import Metrics
+
+# Close codes for stream errors: 1009 for size, 1003 for data we cannot take, 1008 otherwise.
+CLOSE_CODES = {
+    "message_too_large": WSCloseCode.MESSAGE_TOO_BIG,
+    "unsupported_format": WSCloseCode.UNSUPPORTED_DATA,
+    "format_changed": WSCloseCode.UNSUPPORTED_DATA,
+}
+
+
+class StreamError(Exception):
+    """This stream must close: ``reason`` is the metric token, the message the detail."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def close_code(reason: str) -> int:
+    return int(CLOSE_CODES.get(reason, WSCloseCode.POLICY_VIOLATION))
+
+
+def close_text(reason: str, detail: str) -> bytes:
+    """``reason: detail`` cut to the 123 bytes a close frame can carry."""
+    text = f"{reason}: {detail}" if detail else reason
+    return text.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
+def call_options(settings: Settings) -> CallOptions:
+    """The per-call options every live ingress uses (as the Twilio shell's)."""
+    return CallOptions(
+        default_roles=settings.calls.default_roles,
+        join_same_speaker=settings.transcript.join_same_speaker,
+        max_join_gap_ms=settings.transcript.max_join_gap_ms,
+        partials=True,
+        max_channels=settings.calls.max_channels,
+        max_timestamp_jump_s=settings.calls.max_timestamp_jump_s,
+        log_transcripts=settings.logging.log_transcripts,
+    )
+
+
+def authorities(request: web.Request, settings: Settings) -> tuple[str, ...]:
+    """Hosts the client may have addressed: Host, X-Forwarded-Host (trusted), public URL."""
+    out = [request.host]
+    if settings.server.trust_forwarded:
+        fwd = (request.headers.get("X-Forwarded-Host") or "").split(",")[0].strip()
+        if fwd:
+            out.append(fwd)
+    public = settings.server.public_url
+    if public:
+        out.append(public.split("://", 1)[1].rstrip("/"))
+    return tuple(dict.fromkeys(h.lower() for h in out if h))
+
+
+class RateGuard:
+    """Refuses audio arriving far faster than real time (``calls.max_speed`` plus burst)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_speed = settings.calls.max_speed
+        self.burst_ms = settings.calls.burst_s * 1000
+        self.started_at: float | None = None
+
+    def check(self, media_ms: float) -> None:
+        """Raise StreamError(rate_exceeded) when ``media_ms`` is beyond what time allows."""
+        now = time.monotonic()
+        if self.started_at is None:
+            self.started_at = now
+        elapsed_ms = (now - self.started_at) * 1000
+        if media_ms > self.burst_ms + self.max_speed * elapsed_ms:
+            raise StreamError(
+                "rate_exceeded",
+                f"{media_ms / 1000:.1f} s of audio in {elapsed_ms / 1000:.1f} s (limit "
+                f"{self.max_speed}x real time + {self.burst_ms / 1000:.0f} s)",
+            )
+
+
+class MediaCounter:
+    """Frames and bytes, added to the labelled Prometheus counters in batches."""
+
+    def __init__(self, metrics: Metrics, source: str) -> None:
+        self._frames = metrics.media_frames.labels(source)
+        self._bytes = metrics.media_bytes.labels(source)
+        self.frames = self.bytes = self._frames_counted = self._bytes_counted = 0
+
+    def add(self, nbytes: int) -> None:
+        self.frames += 1
+        self.bytes += nbytes
+        if self.frames - self._frames_counted >= 50:
+            self.flush()
+
+    def flush(self) -> None:
+        self._frames.inc(self.frames - self._frames_counted)
+        self._bytes.inc(self.bytes - self._bytes_counted)
+        self._frames_counted, self._bytes_counted = self.frames, self.bytes

@@ -1,0 +1,330 @@
+"""`gateway serve` with Genesys AudioHook over real loopback sockets (scripted recognizer).
+
+Signed sessions are transcribed; failed authentication gets ``disconnect{unauthorized}`` after
+the minimum delay; protocol errors end only their own session (``disconnect{error}``, the
+client's ``close`` answered with ``closed``, a close code) while a concurrent call completes;
+pauses and discards keep both channels on one clock; drain disconnects with ``completed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import drain
+from gateway.simulate.audiohook import (
+    AudioHookOptions,
+    AudioHookScript,
+    AudioHookWire,
+    simulate_audiohook,
+    upgrade_headers,
+)
+from tests.gateway_server import (
+    AUDIOHOOK_KEY,
+    AUDIOHOOK_SECRET,
+    Gateway,
+    by_role,
+    hello_engine,
+    ingress_settings_for,
+    metric,
+    running_gateway,
+    silent_call,
+)
+
+PATH = "/audiohook/ws"
+
+
+def _options(**kwargs: Any) -> AudioHookOptions:
+    base: dict[str, Any] = {"api_key": AUDIOHOOK_KEY, "client_secret": AUDIOHOOK_SECRET}
+    base.update(kwargs)
+    return AudioHookOptions(**base)
+
+
+async def _doc(gw: Gateway, session_id: str) -> dict[str, Any]:
+    await gw.idle()
+    return await gw.transcript(session_id)
+
+
+async def test_signed_session_is_transcribed_with_call_metadata(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        result = await simulate_audiohook(gw.ws(PATH), silent_call(2.0), _options(speed=0))
+        assert result.completed, result
+        assert result.disconnect is None
+        doc = await _doc(gw, result.session_id)
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert doc["source"] == "audiohook"
+        assert doc["state"] == "ended"
+        assert doc["duration_ms"] == 2000
+        assert doc["source_ids"]["conversationId"] == result.conversation_id
+        assert doc["source_ids"]["sessionId"] == result.session_id
+        assert doc["metadata"]["ani"] == "+1-555-555-1234"
+        assert doc["metadata"]["dnis"] == "+1-800-555-6789"
+        assert [(c["index"], c["role"]) for c in doc["channels"]] == [
+            (0, "customer"),
+            (1, "agent"),
+        ]
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_streams_total", source="audiohook") == 1
+        assert (
+            metric(metrics, "callgate_calls_ended_total", source="audiohook", outcome="ended") == 1
+        )
+
+
+async def test_l16_session(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        result = await simulate_audiohook(
+            gw.ws(PATH), silent_call(1.0), _options(speed=0, format="L16")
+        )
+        assert result.completed, result
+        doc = await _doc(gw, result.session_id)
+        assert doc["metadata"]["format"] == "L16"
+        assert by_role(doc) == {"customer": "hello there", "agent": "hello there"}
+
+
+@pytest.mark.parametrize(
+    ("case", "options", "reason"),
+    [
+        ("wrong secret", {"client_secret": "d3Jvbmctc2VjcmV0"}, "bad_signature"),
+        ("unknown key", {"api_key": "nope"}, "bad_api_key"),
+        ("unsigned", {"client_secret": ""}, "missing_signature"),
+    ],
+)
+async def test_failed_authentication_is_a_delayed_unauthorized_disconnect(
+    tmp_path: Path, case: str, options: dict[str, Any], reason: str
+) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        result = await simulate_audiohook(gw.ws(PATH), silent_call(1.0), _options(**options))
+        assert not result.completed
+        assert result.disconnect == "unauthorized", case
+        assert result.elapsed_s >= 0.5  # the constant minimum delay
+        assert result.close_code is not None  # the client closes after `closed`
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_streams_rejected_total", reason=reason) == 1
+        assert gw.registry.active_count == 0
+        assert list(gw.registry.recent()) == []
+
+
+async def test_organization_must_match_the_header(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        url = gw.ws(PATH)
+        wire = AudioHookWire.from_audio(silent_call(0.5))
+        script = AudioHookScript(wire, _options())
+        headers = upgrade_headers(url, script)
+        params = script.open_parameters()
+        params["organizationId"] = "another-org"
+        replies = await _raw(url, headers, script.session_id, [("open", params)])
+        assert replies[0]["type"] == "disconnect"
+        assert replies[0]["parameters"]["reason"] == "unauthorized"
+
+
+# -- protocol errors -------------------------------------------------------------------------
+
+
+async def _raw(
+    url: str,
+    headers: dict[str, str],
+    session_id: str,
+    steps: list[tuple[str, Any]],
+    *,
+    close_code: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Send raw steps (("open"|type, params) / ("binary", bytes) / ("text", str)), answer a
+    disconnect with close, and return the server's messages."""
+    seq = 0
+    serverseq = 0
+    out: list[dict[str, Any]] = []
+
+    def message(type_: str, params: dict[str, Any], **extra: Any) -> str:
+        nonlocal seq
+        seq += 1
+        body = {
+            "version": "2",
+            "id": session_id,
+            "type": type_,
+            "seq": seq,
+            "serverseq": serverseq,
+            "position": "PT0S",
+            "parameters": params,
+        }
+        body.update(extra)
+        return json.dumps(body)
+
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(url, headers=headers)
+        for kind, value in steps:
+            if kind == "binary":
+                await ws.send_bytes(value)
+            elif kind == "text":
+                await ws.send_str(value)
+            elif kind == "skip_seq":
+                seq += 1
+            else:
+                await ws.send_str(message(kind, value))
+                if kind == "open":
+                    reply = await ws.receive(timeout=10)
+                    data = json.loads(reply.data)
+                    out.append(data)
+                    serverseq = data["seq"]
+                    if data["type"] != "opened":
+                        await ws.send_str(message("close", {"reason": "disconnect"}))
+                        break
+        while True:
+            msg = await ws.receive(timeout=10)
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                if close_code is not None:
+                    close_code.append(int(msg.data) if msg.data is not None else 0)
+                break
+            data = json.loads(msg.data)
+            out.append(data)
+            serverseq = data["seq"]
+            if data["type"] == "disconnect":
+                await ws.send_str(message("close", {"reason": "disconnect"}))
+            if data["type"] == "closed":
+                break
+        await ws.close()
+        if close_code is not None and not close_code:
+            close_code.append(ws.close_code or 0)
+    return out
+
+
+def _bad_steps(name: str, script: AudioHookScript) -> list[tuple[str, Any]]:
+    open_ = ("open", script.open_parameters())
+    if name == "bad_seq":
+        return [open_, ("skip_seq", None), ("ping", {})]
+    if name == "binary_before_open":
+        return [("binary", b"\xff" * 1600)]
+    if name == "message_too_large":
+        return [open_, ("ping", {"padding": "x" * 70_000})]
+    if name == "unsupported_format":
+        params = script.open_parameters()
+        params["media"] = [
+            {"type": "audio", "format": "OPUS", "channels": ["external", "internal"], "rate": 8000}
+        ]
+        return [("open", params)]
+    if name == "unknown_type":
+        return [open_, ("dance", {})]
+    if name == "malformed_json":
+        return [open_, ("text", "{nope")]
+    raise AssertionError(name)
+
+
+BAD = {
+    "bad_seq": 1008,
+    "binary_before_open": 1008,
+    "message_too_large": 1009,
+    "unsupported_format": 1003,
+    "unknown_type": 1008,
+    "malformed_json": 1008,
+}
+
+
+async def test_protocol_errors_end_only_their_session(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        url = gw.ws(PATH)
+        good = asyncio.create_task(simulate_audiohook(url, silent_call(2.0), _options(speed=1)))
+        wire = AudioHookWire.from_audio(silent_call(0.5))
+        codes: dict[str, list[int]] = {}
+        replies: dict[str, list[dict[str, Any]]] = {}
+        for name in BAD:
+            script = AudioHookScript(wire, _options())
+            codes[name] = []
+            replies[name] = await _raw(
+                url,
+                upgrade_headers(url, script),
+                script.session_id,
+                _bad_steps(name, script),
+                close_code=codes[name],
+            )
+        result = await good
+        assert result.completed, result
+        for name, code in BAD.items():
+            disconnect = [r for r in replies[name] if r["type"] == "disconnect"]
+            assert len(disconnect) == 1, (name, replies[name])
+            assert disconnect[0]["parameters"]["reason"] == "error"
+            assert replies[name][-1]["type"] == "closed", name
+            # The client closes after `closed` (1000); a client that lingers gets ours.
+            assert codes[name] in ([1000], [code]), name
+        doc = await _doc(gw, result.session_id)
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        metrics = await gw.metrics()
+        for name in BAD:
+            assert (
+                metric(metrics, "callgate_stream_errors_total", source="audiohook", reason=name)
+                == 1
+            ), name
+
+
+# -- timeline --------------------------------------------------------------------------------
+
+
+async def test_pause_and_discard_fill_both_channels_on_the_call_clock(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        options = _options(speed=0, pauses=((1.0, 1.5),), discards=((2.0, 2.3),))
+        result = await simulate_audiohook(gw.ws(PATH), silent_call(3.0), options)
+        assert result.completed, result
+        await gw.idle()
+        call = gw.registry.get(result.session_id)
+        assert call is not None
+        assert {i: c.filled_ms for i, c in call.channels.items()} == {0: 800, 1: 800}
+        assert {i: c.duration_ms for i, c in call.channels.items()} == {0: 3000, 1: 3000}
+
+
+async def test_transcripts_go_back_as_events(tmp_path: Path) -> None:
+    settings = ingress_settings_for(tmp_path, audiohook={"send_transcripts": True})
+    async with running_gateway(settings, hello_engine()) as gw:
+        result = await simulate_audiohook(gw.ws(PATH), silent_call(2.0), _options(speed=0))
+        assert result.completed, result
+        finals = [t for t in result.transcripts if t["isFinal"]]
+        texts = sorted(
+            (t["channelId"], t["alternatives"][0]["interpretations"][0]["transcript"])
+            for t in finals
+        )
+        assert texts == [(0, "goodbye"), (0, "hello there"), (1, "goodbye"), (1, "hello there")]
+
+
+async def test_reconnect_continues_the_call(tmp_path: Path) -> None:
+    settings = ingress_settings_for(tmp_path, audiohook={"reconnect_grace_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws(PATH)
+        first = await simulate_audiohook(
+            url, silent_call(1.0), _options(speed=0, close_reason="reconnect")
+        )
+        assert first.completed, first
+        assert gw.registry.active_count == 1
+        second = await simulate_audiohook(
+            url,
+            silent_call(1.0),
+            _options(
+                speed=0,
+                conversation_id=first.conversation_id,
+                continued_sessions=(first.session_id,),
+            ),
+        )
+        assert second.completed, second
+        await gw.idle()
+        assert len(list(gw.registry.recent())) == 1
+        doc = await gw.transcript(first.session_id)
+        assert doc["duration_ms"] >= 2000
+        assert by_role(doc)["customer"] == "hello there goodbye"
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_stream_continuations_total", source="audiohook") == 1
+
+
+async def test_drain_disconnects_with_completed(tmp_path: Path) -> None:
+    settings = ingress_settings_for(tmp_path, server={"drain_timeout_s": 0.2})
+    async with running_gateway(settings, hello_engine()) as gw:
+        task = asyncio.create_task(
+            simulate_audiohook(gw.ws(PATH), silent_call(5.0), _options(speed=1))
+        )
+        await asyncio.sleep(1.5)
+        await drain(gw.app)
+        result = await task
+        assert result.disconnect == "completed"
+        doc = await gw.transcript(result.session_id)
+        assert doc["state"] == "ended"
+        assert by_role(doc)["customer"].startswith("hello there")
