@@ -4,6 +4,8 @@ Routes (paths of the ingress endpoints come from config)::
 
     GET  /twilio/stream, /telnyx/stream, /signalwire/stream   Media Streams WebSockets
     POST /twilio/voice                                         TwiML: start a both_tracks stream
+    GET  /audiohook/ws                                         Genesys AudioHook Monitor
+    GET  /stereo/ws                                            stereo PCM (FreeSWITCH, jambonz)
     GET  /healthz, /readyz                                     alive; ready for new calls
     GET  /metrics                                              Prometheus text format
     GET  /v1/calls, /v1/calls/{id}, /v1/calls/{id}/transcript  calls and transcripts
@@ -39,6 +41,7 @@ from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
 from gateway.ingress.audiohook_handler import AudioHookHandler
+from gateway.ingress.stereo_ws_handler import StereoWsHandler
 from gateway.ingress.twilio import Dialect
 from gateway.ingress.twilio_handler import MediaStreamHandler
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
@@ -145,6 +148,15 @@ def _add_more_ingress(app: web.Application, settings: Settings, paths: set[str])
             conf, settings=settings, registry=registry, engines=engines, metrics=metrics
         )
         app.router.add_get(conf.path, audiohook.handle, name="audiohook_stream")
+    stereo = settings.stereo_ws
+    if stereo.enabled:
+        if stereo.path in paths:
+            raise ValueError(f"stereo_ws.path {stereo.path!r} is used by another endpoint")
+        paths.add(stereo.path)
+        handler = StereoWsHandler(
+            stereo, settings=settings, registry=registry, engines=engines, metrics=metrics
+        )
+        app.router.add_get(stereo.path, handler.handle, name="stereo_ws_stream")
 
 
 async def drain(app: web.Application) -> None:

@@ -202,7 +202,14 @@ def _router_operations(settings: Settings) -> set[tuple[str, str]]:
 
 def _ingress_operations(settings: Settings) -> set[tuple[str, str]]:
     """The platforms' media streams and Twilio's webhook: paths from config, not documented."""
-    ops = {(conf.path, "get") for conf in (settings.twilio, settings.telnyx, settings.signalwire)}
+    streams = (
+        settings.twilio,
+        settings.telnyx,
+        settings.signalwire,
+        settings.audiohook,
+        settings.stereo_ws,
+    )
+    ops = {(conf.path, "get") for conf in streams}
     return ops | {(settings.twilio.voice_path, "post")}
 
 

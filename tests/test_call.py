@@ -18,9 +18,19 @@ from gateway.calls.call import (
     CallOutput,
     CallState,
     CallStateChanged,
+    CallUpdated,
     ChannelFailed,
 )
-from gateway.ingress.events import Audio, CallEnded, CallStarted, ChannelSpec, Gap
+from gateway.ingress.events import (
+    Audio,
+    CallEnded,
+    CallStarted,
+    ChannelSpec,
+    Gap,
+    Hold,
+    MetadataChanged,
+    Resume,
+)
 from gateway.media.codec import Codec
 from gateway.stt.session import SessionParams, SttError, SttEvent, Watermark
 from gateway.transcript.merger import UtteranceReleased
@@ -170,6 +180,27 @@ async def test_call_time_starts_at_the_first_media_and_late_duplicates_are_dropp
     assert call.duration_ms == 40
 
 
+async def test_a_gap_before_the_first_media_comes_first_on_the_clock() -> None:
+    # A stream that starts paused: 100 ms declared on channel 0, then timestamped audio whose
+    # source clock starts anywhere. Nothing is dropped; the audio follows the gap on both legs.
+    engine = ScriptedEngine()
+    call = Call(engine)
+    await call.handle(started())
+    await call.handle(Gap(0, 100 * RATE // 1000))
+    base = 987_654
+    for i in range(10):
+        await call.handle(Audio(0, tone(FRAME, 1000), base + i * FRAME))
+        await call.handle(Audio(1, tone(FRAME, 2000), base + i * FRAME))
+    await call.handle(CallEnded())
+    a, b = engine.sessions[0].audio, engine.sessions[1].audio
+    gap = 100 * RATE // 1000 * 2
+    assert len(a) == len(b) == gap + 10 * FRAME * 2
+    assert bytes(a[:gap]) == bytes(b[:gap]) == bytes(gap)
+    assert bytes(a[gap:]) == tone(10 * FRAME, 1000)
+    assert bytes(b[gap:]) == tone(10 * FRAME, 2000)
+    assert all(c.clock.late_frames == 0 for c in call.channels.values())
+
+
 async def test_declared_gap_and_mu_law_silence() -> None:
     engine = ScriptedEngine()
     call = Call(engine)
@@ -230,6 +261,32 @@ async def test_a_failed_channel_does_not_hold_back_the_other() -> None:
     ]
     await call.handle(CallEnded())
     assert call.state is CallState.ENDED
+
+
+async def test_hold_resume_and_metadata_changes_are_call_updates() -> None:
+    call = Call(ScriptedEngine())
+    out = collect(call)
+    await call.handle(started())
+    await call.handle(Hold())
+    await call.handle(Hold(0))  # already on hold: no second update
+    assert [c.on_hold for c in call.channels.values()] == [True, True]
+    await call.handle(Resume(1))
+    assert [c.on_hold for c in call.channels.values()] == [True, False]
+    await call.handle(
+        MetadataChanged((ChannelSpec(1, "supervisor", "Ann"),), {"sip.callee": "ann@example.com"})
+    )
+    assert [o for o in out if isinstance(o, CallUpdated)] == [
+        CallUpdated("hold", None),
+        CallUpdated("resume", 1),
+        CallUpdated("metadata", None),
+    ]
+    assert call.channels[1].spec.role == "supervisor"
+    assert call.metadata["sip.callee"] == "ann@example.com"
+    with pytest.raises(CallError):
+        await call.handle(Hold(7))  # no such channel
+    await call.handle(CallEnded())
+    with pytest.raises(CallError):
+        await call.handle(Resume())  # not active any more
 
 
 async def test_bad_events_are_refused_with_a_reason() -> None:

@@ -328,3 +328,49 @@ async def test_drain_disconnects_with_completed(tmp_path: Path) -> None:
         doc = await gw.transcript(result.session_id)
         assert doc["state"] == "ended"
         assert by_role(doc)["customer"].startswith("hello there")
+
+
+def _write_wav(path: Path, seconds: float) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x00\x00\x00" * int(seconds * 8000))
+
+
+async def test_cli_simulate_audiohook_signs_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    wav = tmp_path / "call.wav"
+    await asyncio.to_thread(_write_wav, wav, 1.0)
+    monkeypatch.setenv(
+        "GATEWAY_AUDIOHOOK__API_KEYS", json.dumps([f"{AUDIOHOOK_KEY}:{AUDIOHOOK_SECRET}"])
+    )
+    async with running_gateway(ingress_settings_for(tmp_path / "gw"), hello_engine()) as gw:
+        argv = ["simulate", "audiohook", str(wav), "--url", gw.ws(PATH), "--speed", "0"]
+        argv += ["--calls", "2", "--discard", "0.2-0.4"]
+        assert await asyncio.to_thread(_cli, argv) == 0
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if " frames=" in ln]
+        assert len(lines) == 2 and all("completed (1000)" in line for line in lines), lines
+        monkeypatch.delenv("GATEWAY_AUDIOHOOK__API_KEYS")
+        bad = [*argv[:7], "--client-secret", "d3Jvbmc="]
+        assert await asyncio.to_thread(_cli, bad, AUDIOHOOK_KEY) == 1
+        assert "disconnected (unauthorized" in capsys.readouterr().out
+
+
+def _cli(argv: list[str], api_key: str | None = None) -> int:
+    """Parse and run ``gateway simulate ...`` (blocking: call it in a thread)."""
+    import argparse
+
+    from gateway.simulate import cli as simulate_cli
+
+    parser = argparse.ArgumentParser(prog="gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    simulate_cli.register(sub, [])
+    args = parser.parse_args(argv)
+    if api_key is not None:
+        args.api_key = api_key
+    return simulate_cli.run(args)

@@ -259,7 +259,8 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path, name: str, code:
         assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
         metrics = await gw.metrics()
         assert _metric(metrics, "callgate_stream_errors_total", source="twilio", reason=name) == 1
-        assert _metric(metrics, "callgate_calls_total", source="twilio", outcome="failed") == 0
+        failed = _metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="failed")
+        assert failed == 0
 
 
 async def test_a_bad_stream_keeps_the_audio_it_delivered(tmp_path: Path) -> None:

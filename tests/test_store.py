@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CRASH_CHILD = ROOT / "tests" / "store_crash_child.py"
 
 CHANNELS = [
-    {"index": 0, "role": "customer", "participant": None, "speaker": "customer"},
-    {"index": 1, "role": "agent", "participant": "Ann", "speaker": "Ann"},
+    {"index": 0, "role": "customer", "participant": None, "speaker": "customer", "on_hold": False},
+    {"index": 1, "role": "agent", "participant": "Ann", "speaker": "Ann", "on_hold": False},
 ]
 
 

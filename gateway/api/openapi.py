@@ -172,7 +172,7 @@ def _call_summary_properties() -> dict[str, Any]:
         "ended_at": _unix_time("When the call ended (unix seconds).", nullable=True),
         "duration_ms": {"type": "integer", "minimum": 0, "description": "Call audio so far."},
         "metadata": _string_map("The platform's custom parameters and call details."),
-        "channels": {"type": "array", "items": _ref("Channel")},
+        "channels": {"type": "array", "items": _ref("CallChannel")},
     }
 
 
@@ -186,26 +186,43 @@ def _schemas() -> dict[str, Any]:
     summary = _call_summary_properties()
     call_updated = {
         **_call_summary_properties(),
+        "change": {
+            "type": "string",
+            "enum": ["metadata", "hold", "resume", "channel_failed"],
+            "description": "What changed: roles/participants/metadata, a hold, its end, or a "
+            "channel whose recognizer failed.",
+        },
         "channel_failed": _obj(
             {"channel": {"type": "integer", "minimum": 0}, "reason": {"type": "string"}},
-            description="The channel whose recognizer failed.",
+            description="With `change: channel_failed`: the channel and why.",
         ),
+    }
+    channel = {
+        "index": {"type": "integer", "minimum": 0},
+        "role": {
+            "type": "string",
+            "description": "`customer`, `agent`, or any other role from the call.",
+        },
+        "participant": {"type": "string", "nullable": True},
+        "speaker": {
+            "type": "string",
+            "description": "The label shown: the participant if known, else the role.",
+        },
     }
     return {
         "Channel": _obj(
+            channel,
+            description="One leg of the call.",
+        ),
+        "CallChannel": _obj(
             {
-                "index": {"type": "integer", "minimum": 0},
-                "role": {
-                    "type": "string",
-                    "description": "`customer`, `agent`, or any other role from the call.",
-                },
-                "participant": {"type": "string", "nullable": True},
-                "speaker": {
-                    "type": "string",
-                    "description": "The label shown: the participant if known, else the role.",
+                **channel,
+                "on_hold": {
+                    "type": "boolean",
+                    "description": "The source says this leg is on hold (SIPREC, AudioHook).",
                 },
             },
-            description="One leg of the call.",
+            description="One leg of a live or finished call.",
         ),
         "CallSummary": _obj(summary, description="A call, without its transcript."),
         "CallList": _obj(
@@ -312,9 +329,9 @@ def _schemas() -> dict[str, Any]:
         ),
         "CallUpdatedEventData": _obj(
             call_updated,
-            required=tuple(summary),
-            description="`data` of `call.updated`: the call summary, with `channel_failed` when "
-            "a channel's recognizer failed.",
+            required=(*summary, "change"),
+            description="`data` of `call.updated`: the call summary, what changed, and "
+            "`channel_failed` when a channel's recognizer failed.",
         ),
         "CallEvent": _obj(
             {

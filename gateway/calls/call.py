@@ -75,7 +75,16 @@ class ChannelFailed:
     reason: str
 
 
-CallOutput = MergerOutput | CallStateChanged | ChannelFailed
+@dataclass(frozen=True, slots=True)
+class CallUpdated:
+    """Roles, participants or metadata changed (``metadata``), or channels were put on hold
+    (``hold``) or taken off it (``resume``); ``channel`` None means every channel."""
+
+    change: str
+    channel: int | None = None
+
+
+CallOutput = MergerOutput | CallStateChanged | ChannelFailed | CallUpdated
 Listener = Callable[["Call", CallOutput], None]
 # observer(call, update, latency_s): every TurnUpdate from a session; latency_s (finals only) is
 # the time from the arrival of the audio at the turn's end to the final (the STT latency).
@@ -173,7 +182,9 @@ class Call:
             await self.end(event.reason)
         elif isinstance(event, MetadataChanged):
             self._metadata(event)
-        elif isinstance(event, Dtmf | Hold | Resume):
+        elif isinstance(event, Hold | Resume):
+            self._hold(event)
+        elif isinstance(event, Dtmf):
             self._require(CallState.ACTIVE)
         else:  # pragma: no cover - exhaustive over IngressEvent
             raise CallError(f"unknown event {event!r}")
@@ -269,7 +280,16 @@ class Call:
             base = self._origin_at.get(rate)
             if base is None:
                 if self._origin is None:
-                    self._origin = Fraction(event.timestamp, rate)
+                    # Call t=0 is the first media; gaps declared before it (a stream that starts
+                    # paused) come first on the clock, so this frame lands after them.
+                    declared = max(
+                        (
+                            Fraction(c.clock.frontier, c.spec.sample_rate)
+                            for c in self.channels.values()
+                        ),
+                        default=Fraction(0),
+                    )
+                    self._origin = Fraction(event.timestamp, rate) - declared
                 scaled = self._origin * rate
                 if scaled.denominator == 1:  # the usual case: integer math per frame
                     base = self._origin_at[rate] = int(scaled)
@@ -305,6 +325,21 @@ class Call:
             infos.append(channel_info(channel.spec))
         assert self.merger is not None
         self.merger.set_channels(infos)
+        self._emit(CallUpdated("metadata"))
+
+    def _hold(self, event: Hold | Resume) -> None:
+        """Mark channels on hold or back; the audio clock is untouched (a hold's silence or
+        missing media is filled like any gap). Emits :class:`CallUpdated` on a change."""
+        self._require(CallState.ACTIVE)
+        on_hold = isinstance(event, Hold)
+        if event.channel is not None:
+            self._channel(event.channel)  # unknown channel -> CallError
+        targets = [c for c in self.channels.values() if event.channel in (None, c.spec.index)]
+        if all(c.on_hold == on_hold for c in targets):
+            return
+        for channel in targets:
+            channel.on_hold = on_hold
+        self._emit(CallUpdated("hold" if on_hold else "resume", event.channel))
 
     # -- STT side -------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ class Channel:
         # When each 50 ms of call time arrived: STT latency = final's time - its end's arrival.
         self.arrivals = ArrivalLog(spec.sample_rate // 20)
         self.failed: str | None = None
+        self.on_hold = False  # the source says this leg is on hold (SIPREC, AudioHook)
         # Sees every released byte, in call-clock order (recording); set by the Call.
         self.tap: Callable[[int, bytes], None] | None = None
 

@@ -103,6 +103,7 @@ def call_summary(call: Call) -> dict[str, Any]:
                 "role": c.spec.role,
                 "participant": c.spec.participant,
                 "speaker": c.spec.participant or c.spec.role,
+                "on_hold": c.on_hold,
             }
             for c in call.channels.values()
         ],

@@ -33,7 +33,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged, ChannelFailed
+from gateway.calls.call import (
+    Call,
+    CallOutput,
+    CallState,
+    CallStateChanged,
+    CallUpdated,
+    ChannelFailed,
+)
 from gateway.observability.logging import get_logger
 from gateway.outputs.events import (
     CallEvent,
@@ -190,7 +197,12 @@ def _describe(
         return None
     if isinstance(output, ChannelFailed):
         data = call_summary(call)
+        data["change"] = "channel_failed"
         data["channel_failed"] = {"channel": output.channel, "reason": output.reason}
+        return ("call.updated", data, None)
+    if isinstance(output, CallUpdated):
+        data = call_summary(call)
+        data["change"] = output.change
         return ("call.updated", data, None)
     return None
 

@@ -371,7 +371,8 @@ def _call_dict(row: tuple[Any, ...]) -> dict[str, Any]:
         "ended_at": row[6],
         "duration_ms": row[7],
         "metadata": json.loads(row[8]),
-        "channels": json.loads(row[9]),
+        # Rows written before `on_hold` existed read as not on hold.
+        "channels": [{"on_hold": False, **c} for c in json.loads(row[9])],
     }
 
 

@@ -1,4 +1,4 @@
-"""``gateway simulate twilio CALL.wav --url ws://HOST/PATH``: play a recorded call into a gateway.
+"""``gateway simulate twilio|audiohook|stereo-ws CALL.wav --url ws://HOST/PATH``: play a call.
 
 :func:`register` adds the command to the ``gateway`` parser, :func:`run` executes it. User errors
 raise :class:`gateway.cli.UsageError` (one line, exit 2); the exit status is 0 when every call
@@ -107,6 +107,79 @@ def register(
         help="end the stream there and continue the call on a new WebSocket (a TwiML redirect)",
     )
 
+    a = platforms.add_parser(
+        "audiohook",
+        parents=parents,
+        help="Genesys AudioHook Monitor (signed upgrade, open/opened, stereo PCMU frames)",
+        description="Send CALL.wav (channel 0 = external/customer, channel 1 = internal/agent) "
+        "as a Genesys AudioHook client: signed upgrade, open, binary frames, ping, close.",
+    )
+    a.add_argument("file", type=Path, metavar="CALL.wav")
+    a.add_argument("--url", required=True, help="the AudioHook endpoint, ws://HOST/PATH or wss://…")
+    a.add_argument(
+        "--api-key",
+        help="X-API-KEY (default: the key of $GATEWAY_AUDIOHOOK__API_KEYS' first entry)",
+    )
+    a.add_argument(
+        "--client-secret",
+        help="base64 client secret: sign the upgrade (default: from $GATEWAY_AUDIOHOOK__API_KEYS)",
+    )
+    a.add_argument("--format", choices=["PCMU", "L16"], default="PCMU", help="default: PCMU")
+    a.add_argument("--frame-ms", type=int, default=100, help="audio per frame (default 100)")
+    _common(a)
+    a.add_argument(
+        "--pause",
+        action="append",
+        default=[],
+        metavar="START-END",
+        help="pause (paused ... resumed) between these seconds (repeatable)",
+    )
+    a.add_argument(
+        "--discard",
+        action="append",
+        default=[],
+        metavar="START-END",
+        help="send no audio between these seconds, then declare it discarded (repeatable)",
+    )
+    w = platforms.add_parser(
+        "stereo-ws",
+        parents=parents,
+        help="stereo PCM WebSocket: FreeSWITCH mod_audio_fork / mod_audio_stream, jambonz listen",
+        description="Send CALL.wav as jambonz listen does: subprotocol, a JSON metadata text "
+        "frame, then interleaved 16-bit PCM (left = channel 0 = caller).",
+    )
+    w.add_argument("file", type=Path, metavar="CALL.wav")
+    w.add_argument("--url", required=True, help="the stream endpoint, ws://HOST/PATH or wss://…")
+    w.add_argument("--rate", type=int, default=8000, metavar="HZ", help="8000 (default) or 16000")
+    w.add_argument("--frame-ms", type=int, default=20, help="audio per frame (default 20)")
+    w.add_argument("--mix-type", choices=["stereo", "mono"], default="stereo")
+    w.add_argument("--subprotocol", default="audio.jambonz.org", help="default: %(default)s")
+    w.add_argument("--username", default="", help="basic auth user (jambonz wsAuth)")
+    w.add_argument("--password", help="basic auth password (default: $GATEWAY_STEREO_WS__PASSWORD)")
+    w.add_argument(
+        "--secret", help="shared-secret header value (default: $GATEWAY_STEREO_WS__SHARED_SECRET)"
+    )
+    _common(w)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="1 = real time (default), 2 = twice as fast, 0 = as fast as possible",
+    )
+    p.add_argument(
+        "--calls", type=int, default=1, metavar="N", help=f"concurrent calls, 1-{MAX_CALLS}"
+    )
+    p.add_argument(
+        "--stagger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds between call starts (default 0)",
+    )
+
 
 def _params(items: list[str]) -> dict[str, str]:
     from gateway.cli import UsageError
@@ -199,6 +272,18 @@ def run(args: argparse.Namespace) -> int:
     Returns 0 when every call completed, 1 otherwise. Raises :class:`gateway.cli.UsageError`
     for a bad argument or an unusable WAV file.
     """
+    if args.platform == "audiohook":
+        from gateway.simulate.cli_more import run_audiohook
+
+        return run_audiohook(args)
+    if args.platform == "stereo-ws":
+        from gateway.simulate.cli_more import run_stereo_ws
+
+        return run_stereo_ws(args)
+    return _run_twilio(args)
+
+
+def _run_twilio(args: argparse.Namespace) -> int:
     from gateway.cli import UsageError
     from gateway.ingress.file import FileSourceError, probe_wav
 

@@ -1,0 +1,298 @@
+"""StereoWsHandler: the aiohttp WebSocket shell around :class:`StereoStreamDecoder`.
+
+Per upgrade request:
+
+1. Before the upgrade: HTTP 503 while draining or at capacity, 400 for a plain HTTP request,
+   403 when credentials are configured and none matches (``Authorization: Basic`` with the
+   configured username and password, the shared secret in ``secret_header`` or as ``?token=``)
+   or when none are configured and ``allow_unsigned`` is false. The offered subprotocol
+   (``audio.drachtio.org``, ``audio.jambonz.org``, ...) is echoed.
+2. After the upgrade: frames go through the decoder and its events to a :class:`LiveCall`
+   (a new one, or the one a stream with the same ``callSid`` left within
+   ``reconnect_grace_s``). The socket closing ends the call (STT drained, transcript stored).
+3. Bad input closes this one WebSocket with a close code and ``reason: detail`` text, counts
+   ``stream_errors{source="stereo_ws", reason}`` and logs a warning; other calls never notice.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import time
+
+from aiohttp import WSMsgType, web
+
+from gateway.calls.call import CallError
+from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
+from gateway.calls.registry import AdmissionRefused, CallRegistry
+from gateway.config import Settings, StereoWsSettings
+from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
+from gateway.ingress.stereo_ws import SOURCE, StereoStreamDecoder, StereoWsProtocolError
+from gateway.ingress.ws_shell import (
+    MediaCounter,
+    RateGuard,
+    StreamError,
+    call_options,
+    close_code,
+    close_text,
+)
+from gateway.media.clock import TimestampJump
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
+from gateway.stt.engines import EngineSet
+
+log = get_logger("gateway.ingress")
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+class StereoWsHandler:
+    """aiohttp handler for the stereo PCM WebSocket endpoint (see module docstring)."""
+
+    def __init__(
+        self,
+        conf: StereoWsSettings,
+        *,
+        settings: Settings,
+        registry: CallRegistry,
+        engines: EngineSet,
+        metrics: Metrics,
+    ) -> None:
+        self.conf = conf
+        self.settings = settings
+        self.registry = registry
+        self.engines = engines
+        self.metrics = metrics
+        self._password = conf.password.get_secret_value()
+        self._secret = conf.shared_secret.get_secret_value()
+        self.log = log.bind(source=SOURCE)
+
+    def _refuse(self, request: web.Request, status: int, reason: str, detail: str) -> web.Response:
+        self.metrics.streams_rejected.labels(SOURCE, reason).inc()
+        # No headers, no query string: they may carry secrets.
+        self.log.warning(
+            "stream.refused", reason=reason, status=status, path=request.path, remote=request.remote
+        )
+        return web.Response(status=status, text=f"{reason}: {detail}\n")
+
+    def _authenticate(self, request: web.Request) -> tuple[str, str] | None:
+        """(reason, detail) if the upgrade must be refused with 403, else None."""
+        basic = bool(self.conf.username and self._password)
+        if not basic and not self._secret:
+            if self.conf.allow_unsigned:
+                return None
+            return (
+                "unsigned_refused",
+                "no credentials are configured for stereo_ws and allow_unsigned is false",
+            )
+        offered = False
+        ok = False
+        header = request.headers.get("Authorization", "")
+        if basic and header[:6].lower() == "basic ":
+            offered = True
+            try:
+                user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                user = password = ""
+            ok |= _same(user, self.conf.username) & _same(password, self._password)
+        if self._secret:
+            for given in (
+                request.headers.get(self.conf.secret_header),
+                request.query.get("token"),
+            ):
+                if given is not None:
+                    offered = True
+                    ok |= _same(given, self._secret)
+        if ok:
+            return None
+        if not offered:
+            return "missing_credentials", "no basic auth or shared secret"
+        return "bad_credentials", "the credentials do not match"
+
+    def _subprotocol(self, request: web.Request) -> tuple[str, ...]:
+        raw = request.headers.get("Sec-WebSocket-Protocol", "")
+        offered = [p.strip() for p in raw.split(",") if p.strip()]
+        for proto in offered:
+            if proto in self.conf.subprotocols:
+                return (proto,)
+        if offered and self.conf.accept_any_subprotocol:
+            return (offered[0],)
+        return ()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The route handler: refuse (HTTP status) or run the stream until it closes."""
+        ws = web.WebSocketResponse(
+            max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
+            autoping=True,
+            compress=False,
+            protocols=self._subprotocol(request),
+        )
+        if not ws.can_prepare(request).ok:
+            return self._refuse(request, 400, "not_websocket", "expected a WebSocket upgrade")
+        try:
+            self.registry.check_admission()
+        except AdmissionRefused as exc:
+            return self._refuse(request, 503, exc.reason, str(exc))
+        refused = self._authenticate(request)
+        if refused is not None:
+            return self._refuse(request, 403, *refused)
+        await ws.prepare(request)
+        self.metrics.streams.labels(SOURCE).inc()
+        decoder = StereoStreamDecoder(
+            sample_rate=self.conf.sample_rate,
+            mix_type=self.conf.mix_type,
+            roles={
+                "left": self.conf.left_role,
+                "right": self.conf.right_role,
+                "mono": self.conf.mono_role,
+            },
+            query={k: v for k, v in request.query.items() if k != "token"},
+            max_message_bytes=self.conf.max_message_bytes,
+        )
+        await _Stream(self, ws, decoder).run()
+        return ws
+
+
+class _Link:
+    """The StreamLink a LiveCall uses to close this stream's socket."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.closed_by_call: str | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_by_call = reason
+        await self.ws.close(code=code, message=close_text(reason, ""))
+
+
+class _Stream:
+    """One accepted WebSocket: decode, feed the call, close on bad input."""
+
+    def __init__(
+        self, handler: StereoWsHandler, ws: web.WebSocketResponse, decoder: StereoStreamDecoder
+    ) -> None:
+        self.h = handler
+        self.ws = ws
+        self.decoder = decoder
+        self.link = _Link(ws)
+        self.live: LiveCall | None = None
+        self.placement: StreamPlacement | None = None
+        self.counter = MediaCounter(handler.metrics, SOURCE)
+        self.rate = RateGuard(handler.settings)
+        self.log = handler.log
+
+    async def run(self) -> None:
+        detach_reason = "hangup"
+        try:
+            async for msg in self.ws:
+                try:
+                    if msg.type is WSMsgType.TEXT:
+                        events = self.decoder.receive_text(msg.data)
+                    elif msg.type is WSMsgType.BINARY:
+                        self.counter.add(len(msg.data))
+                        events = self.decoder.receive_binary(msg.data)
+                    elif msg.type is WSMsgType.ERROR:
+                        raise StreamError("transport_error", repr(self.ws.exception()))
+                    else:
+                        continue
+                    for event in events:
+                        await self._event(event)
+                except (StereoWsProtocolError, StreamError) as exc:
+                    await self._fail(exc.reason, str(exc))
+                    detach_reason = "stream_error"
+                    break
+            else:
+                self.decoder.close()  # CallEnded: the call ends when the stream detaches
+        finally:
+            self.counter.flush()
+            if self.live is not None:
+                self.live.detach(self.link, detach_reason)
+
+    async def _fail(self, reason: str, detail: str) -> None:
+        self.h.metrics.stream_errors.labels(SOURCE, reason).inc()
+        self.log.warning(
+            "stream.closed_bad_input",
+            reason=reason,
+            detail=detail[:200],
+            call_id=self.live.call_id if self.live else None,
+        )
+        if not self.ws.closed:
+            await self.ws.close(code=close_code(reason), message=close_text(reason, detail))
+
+    async def _event(self, event: IngressEvent) -> None:
+        if isinstance(event, Audio):
+            await self._audio(event)
+        elif isinstance(event, CallStarted):
+            await self._start(event)
+        elif isinstance(event, CallEnded):
+            return  # the call ends when this stream detaches (after any reconnect grace)
+        elif isinstance(event, Dtmf):
+            if self.placement is not None:
+                channel = self.placement.channel_map.get(event.channel, event.channel)
+                await self._call_handle(Dtmf(channel, event.digit))
+        else:
+            await self._call_handle(event)
+
+    async def _audio(self, event: Audio) -> None:
+        live, placement = self.live, self.placement
+        assert live is not None and placement is not None
+        self.rate.check(self.decoder.media_ms_received)
+        now = time.monotonic()
+        if live.first_media_at is None:
+            live.first_media_at = now
+        if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
+            event = placement.place(event, lambda: live.continuation_base(now))
+        await self._call_handle(event)
+
+    async def _call_handle(self, event: IngressEvent) -> None:
+        if self.live is None:
+            return
+        try:
+            await self.live.call.handle(event)
+        except TimestampJump as exc:
+            raise StreamError("bad_timestamp", str(exc)) from None
+        except CallError as exc:
+            if self.link.closed_by_call is not None:
+                return
+            raise StreamError("call_error", str(exc)) from None
+
+    async def _start(self, started: CallStarted) -> None:
+        h = self.h
+        key = self.decoder.call_key
+        self.log.info(
+            "stereo_ws.start",
+            channels=len(started.channels),
+            sample_rate=started.channels[0].sample_rate,
+            call_sid=key,
+        )
+        live = h.registry.find(SOURCE, key) if key else None
+        if live is not None:
+            try:
+                self.placement = live.continue_with(started, self.link)
+            except ContinuationError as exc:
+                raise StreamError(exc.reason, str(exc)) from None
+            self.live = live
+            h.metrics.stream_continuations.labels(SOURCE).inc()
+            return
+        try:
+            engine = await h.engines.get(None)
+            live = h.registry.create(
+                engine,
+                call_options(h.settings),
+                source=SOURCE,
+                key=key,
+                grace_s=h.conf.reconnect_grace_s,
+                max_call_s=h.settings.calls.max_call_s,
+            )
+        except AdmissionRefused as exc:
+            raise StreamError(exc.reason, str(exc)) from None
+        except ValueError as exc:
+            raise StreamError("unknown_engine", str(exc)) from None
+        self.live = live
+        try:
+            self.placement = await live.start(started, self.link)
+        except CallError as exc:
+            raise StreamError("bad_start", str(exc)) from None

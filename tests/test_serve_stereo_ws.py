@@ -1,0 +1,185 @@
+"""`gateway serve` with stereo PCM WebSockets (jambonz listen / FreeSWITCH mod_audio_fork) over
+real loopback sockets (scripted recognizer)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.simulate.stereo_ws import StereoWsOptions, simulate_stereo_ws
+from tests.gateway_server import (
+    STEREO_SECRET,
+    by_role,
+    hello_engine,
+    ingress_settings_for,
+    metric,
+    running_gateway,
+    silent_call,
+)
+
+PATH = "/stereo/ws"
+
+
+def _options(**kwargs: Any) -> StereoWsOptions:
+    base: dict[str, Any] = {"secret": STEREO_SECRET}
+    base.update(kwargs)
+    return StereoWsOptions(**base)
+
+
+async def test_jambonz_stream_is_transcribed(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        result = await simulate_stereo_ws(
+            gw.ws(PATH), silent_call(2.0), _options(speed=0, dtmf=((0.5, "7"),))
+        )
+        assert result.completed, result
+        assert result.subprotocol == "audio.jambonz.org"
+        await gw.idle()
+        doc = await gw.transcript(result.call_sid)
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert doc["source"] == "stereo_ws"
+        assert doc["duration_ms"] == 2000
+        assert doc["metadata"]["from"] == "+15555551234"
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_streams_total", source="stereo_ws") == 1
+
+
+async def test_freeswitch_16k_basic_auth_and_subprotocol(tmp_path: Path) -> None:
+    settings = ingress_settings_for(
+        tmp_path, stereo_ws={"shared_secret": "", "username": "fs", "password": "pw-123"}
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        options = StereoWsOptions(
+            speed=0,
+            sample_rate=16000,
+            subprotocol="audio.drachtio.org",
+            username="fs",
+            password="pw-123",
+        )
+        result = await simulate_stereo_ws(gw.ws(PATH), silent_call(1.0), options)
+        assert result.completed, result
+        assert result.subprotocol == "audio.drachtio.org"
+        await gw.idle()
+        doc = await gw.transcript(result.call_sid)
+        assert doc["metadata"]["sampleRate"] == "16000"
+        assert by_role(doc) == {"customer": "hello there", "agent": "hello there"}
+        wrong = await simulate_stereo_ws(
+            gw.ws(PATH), silent_call(1.0), StereoWsOptions(username="fs", password="nope")
+        )
+        assert wrong.rejected_status == 403
+
+
+async def test_mono_stream_without_metadata_uses_the_query(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        url = gw.ws(PATH) + f"?mixType=mono&token={STEREO_SECRET}"
+        options = StereoWsOptions(speed=0, mix_type="mono", send_metadata=False)
+        result = await simulate_stereo_ws(url, silent_call(1.0), options)
+        assert result.completed, result
+        await gw.idle()
+        (call,) = gw.registry.recent()
+        assert [c.spec.role for c in call.channels.values()] == ["customer"]
+        assert "token" not in str(call.metadata)
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [({}, "missing_credentials"), ({"X-Callgate-Secret": "wrong"}, "bad_credentials")],
+)
+async def test_credentials_are_required(
+    tmp_path: Path, headers: dict[str, str], reason: str
+) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        async with aiohttp.ClientSession() as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as exc:
+                await s.ws_connect(gw.ws(PATH), headers=headers)
+        assert exc.value.status == 403
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_streams_rejected_total", source="stereo_ws", reason=reason)
+
+
+async def _raw(url: str, messages: list[str | bytes]) -> tuple[int | None, str]:
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(url, headers={"X-Callgate-Secret": STEREO_SECRET})
+        for m in messages:
+            if ws.closed:
+                break
+            try:
+                if isinstance(m, str):
+                    await ws.send_str(m)
+                else:
+                    await ws.send_bytes(m)
+            except ConnectionError:
+                break
+        msg = await ws.receive(timeout=10)
+        code, reason = (msg.data, msg.extra) if msg.type is aiohttp.WSMsgType.CLOSE else (None, "")
+        await ws.close()
+        return code, reason or ""
+
+
+async def test_bad_input_closes_only_its_stream(tmp_path: Path) -> None:
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        good = asyncio.create_task(
+            simulate_stereo_ws(gw.ws(PATH), silent_call(2.0), _options(speed=1))
+        )
+        cases = {
+            "unsupported_format": (['{"sampleRate": 11025}'], 1003),
+            "message_too_large": (["{}", "x" * 70_000], 1009),
+            "bad_message": (["{}", '{"event": "dtmf", "dtmf": "??"}'], 1008),
+        }
+        for name, (messages, code) in cases.items():
+            closed = await _raw(gw.ws(PATH), list(messages))
+            assert closed[0] == code, (name, closed)
+            assert closed[1].startswith(f"{name}: "), closed
+        result = await good
+        assert result.completed, result
+        await gw.idle()
+        doc = await gw.transcript(result.call_sid)
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        metrics = await gw.metrics()
+        for name in cases:
+            value = metric(metrics, "callgate_stream_errors_total", source="stereo_ws", reason=name)
+            assert value == 1, name
+
+
+async def test_cli_simulate_stereo_ws(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wave
+
+    def write() -> Path:
+        path = tmp_path / "call.wav"
+        with wave.open(str(path), "wb") as w:
+            w.setnchannels(2)
+            w.setsampwidth(2)
+            w.setframerate(8000)
+            w.writeframes(b"\x00" * 4 * 8000)
+        return path
+
+    wav = await asyncio.to_thread(write)
+    monkeypatch.setenv("GATEWAY_STEREO_WS__SHARED_SECRET", STEREO_SECRET)
+    async with running_gateway(ingress_settings_for(tmp_path / "gw"), hello_engine()) as gw:
+        argv = ["simulate", "stereo-ws", str(wav), "--url", gw.ws(PATH), "--speed", "0"]
+        argv += ["--subprotocol", "audio.drachtio.org"]
+        assert await asyncio.to_thread(_cli, argv) == 0
+        (line,) = [ln for ln in capsys.readouterr().out.splitlines() if " frames=" in ln]
+        assert "completed (1000" in line and "subprotocol=audio.drachtio.org" in line
+        await gw.idle()
+        assert len(list(gw.registry.recent())) == 1
+
+
+def _cli(argv: list[str], api_key: str | None = None) -> int:
+    """Parse and run ``gateway simulate ...`` (blocking: call it in a thread)."""
+    import argparse
+
+    from gateway.simulate import cli as simulate_cli
+
+    parser = argparse.ArgumentParser(prog="gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    simulate_cli.register(sub, [])
+    args = parser.parse_args(argv)
+    if api_key is not None:
+        args.api_key = api_key
+    return simulate_cli.run(args)

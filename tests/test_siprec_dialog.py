@@ -1,0 +1,484 @@
+"""The SRS dialog core: INVITE/ACK/BYE/CANCEL/OPTIONS/UPDATE, timers, access control, errors.
+
+Requests are serialized and parsed again on the way in, so every test also exercises the wire
+format; no sockets, no clocks (``now`` is passed explicitly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.ingress.events import CallEnded, CallStarted, Hold, MetadataChanged, Resume
+from gateway.ingress.siprec.auth import DigestAuth, digest_response
+from gateway.ingress.siprec.dialog import (
+    CallEvent,
+    CallReleased,
+    Cancelled,
+    DialogState,
+    IncomingCall,
+    MediaPlan,
+    Output,
+    Rejected,
+    Send,
+    ServerConfig,
+    SiprecServer,
+)
+from gateway.ingress.siprec.message import (
+    Headers,
+    SipParser,
+    SipRequest,
+    SipResponse,
+    header_params,
+    parse_name_addr,
+)
+from gateway.ingress.siprec.sdp import parse_sdp
+from gateway.media.codec import Codec
+from tests.test_siprec_fixtures import fixture_body, invite_for
+
+SRC = ("192.0.2.10", 5060)
+CALL = "call-1@src.example"
+
+
+class Ports:
+    """A fake port allocator that records what it handed out."""
+
+    def __init__(self, free: int = 100) -> None:
+        self.next = 40000
+        self.free = free
+        self.owned: dict[str, list[int]] = {}
+
+    def allocate(self, call_id: str, count: int) -> Sequence[int] | None:
+        if count > self.free:
+            return None
+        ports = [self.next + 2 * i for i in range(count)]
+        self.next += 2 * count
+        self.free -= count
+        self.owned[call_id] = ports
+        return ports
+
+    def release(self, call_id: str) -> None:
+        self.free += len(self.owned.pop(call_id, []))
+
+
+def server(**kwargs: object) -> tuple[SiprecServer, Ports]:
+    ports = Ports()
+    config = ServerConfig(host="10.0.0.5", **kwargs)  # type: ignore[arg-type]
+    return SiprecServer(config, ports), ports
+
+
+def deliver(
+    srv: SiprecServer,
+    message: SipRequest | bytes,
+    now: float,
+    source: tuple[str, int] = SRC,
+    transport: str = "udp",
+) -> list[Output]:
+    data = message.to_bytes() if isinstance(message, SipRequest) else message
+    parsed = SipParser().feed_datagram(data)
+    assert parsed is not None
+    return srv.receive(parsed, source, transport, now)
+
+
+def sent(outputs: Sequence[Output]) -> list[SipResponse]:
+    out = []
+    for o in outputs:
+        if isinstance(o, Send):
+            assert isinstance(o.message, SipResponse)
+            out.append(o.message)
+    return out
+
+
+def statuses(outputs: Sequence[Output]) -> list[int]:
+    return [r.status for r in sent(outputs)]
+
+
+def events(outputs: Sequence[Output]) -> list[object]:
+    return [o.event for o in outputs if isinstance(o, CallEvent)]
+
+
+def in_dialog(
+    method: str, ok: SipResponse, cseq: int, *, body: bytes = b"", content_type: str = ""
+) -> SipRequest:
+    """A request inside the dialog that ``ok`` (our 2xx) established."""
+    to = ok.headers.get("To") or ""
+    pairs = [
+        ("Via", f"SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-{method}-{cseq}"),
+        ("From", ok.headers.get("From") or ""),
+        ("To", to),
+        ("Call-ID", ok.call_id),
+        ("CSeq", f"{cseq} {method}"),
+        ("Max-Forwards", "70"),
+    ]
+    if content_type:
+        pairs.append(("Content-Type", content_type))
+    return SipRequest(method, "sip:srs@10.0.0.5", Headers.of(pairs), body)
+
+
+def ack_for(invite: SipRequest, response: SipResponse) -> SipRequest:
+    headers = Headers.of(
+        [
+            ("Via", invite.headers.get("Via") or ""),
+            ("From", invite.headers.get("From") or ""),
+            ("To", response.headers.get("To") or ""),
+            ("Call-ID", invite.call_id),
+            ("CSeq", f"{invite.cseq[0]} ACK"),
+        ]
+    )
+    return SipRequest("ACK", invite.uri, headers)
+
+
+def establish(srv: SiprecServer, fixture: str = "cisco-siprec-offer.txt") -> SipResponse:
+    invite = invite_for(fixture, call_id=CALL)
+    out = deliver(srv, invite, 0.0)
+    ok = sent(out)[-1]
+    assert ok.status == 200
+    deliver(srv, ack_for(invite, ok), 0.01)
+    return ok
+
+
+def test_invite_is_answered_100_then_200_with_recvonly_answer() -> None:
+    srv, ports = server()
+    out = deliver(srv, invite_for("cisco-siprec-offer.txt", call_id=CALL), 0.0)
+    kinds = [type(o).__name__ for o in out]
+    assert kinds == ["Send", "IncomingCall", "MediaPlan", "CallEvent", "Send"]
+    trying, ok = sent(out)
+    assert (trying.status, ok.status) == (100, 200)
+    assert trying.headers.get("To") == "<sip:srs@10.0.0.5>"
+    assert parse_name_addr(ok.headers.get("To") or "").tag
+    assert ok.headers.get("Content-Type") == "application/sdp"
+    assert "+sip.srs" in (ok.headers.get("Contact") or "")
+    assert "siprec" in (ok.headers.get("Supported") or "")
+    answer = parse_sdp(ok.body)
+    assert [(m.port, answer.direction_of(i)) for i, m in enumerate(answer.media)] == [
+        (40000, "recvonly"),
+        (40002, "recvonly"),
+    ]
+    plan = next(o for o in out if isinstance(o, MediaPlan))
+    assert [(s.local_port, s.remote, s.config.channel, s.config.codec) for s in plan.streams] == [
+        (40000, ("172.31.93.236", 10292), 0, Codec.PCMU),
+        (40002, ("172.31.93.236", 10294), 1, Codec.PCMU),
+    ]
+    assert plan.streams[0].config.telephone_event == 101
+    started = events(out)[0]
+    assert isinstance(started, CallStarted) and started.source == "siprec"
+    assert [(c.role, c.participant) for c in started.channels] == [
+        ("customer", "sip:7301@35.162.237.204"),
+        ("agent", "7300"),
+    ]
+    assert started.source_ids["sip_call_id"] == CALL
+    assert ports.owned[CALL] == [40000, 40002]
+    assert srv.state(CALL) is DialogState.CONFIRMING
+
+
+def test_200_is_retransmitted_until_ack() -> None:
+    srv, _ = server()
+    invite = invite_for("cisco-siprec-offer.txt", call_id=CALL)
+    ok = sent(deliver(srv, invite, 0.0))[-1]
+    times = []
+    now = 0.0
+    while (deadline := srv.next_deadline()) is not None and deadline < 10:
+        now = deadline
+        out = srv.on_timer(now)
+        assert sent(out) == [ok]
+        times.append(now)
+    # T1 = 0.5 s doubling, capped at T2 = 4 s.
+    assert times == [0.5, 1.5, 3.5, 7.5]
+    # A retransmitted INVITE gets the same 200 again.
+    assert sent(deliver(srv, invite, now)) == [ok]
+    assert deliver(srv, ack_for(invite, ok), now + 0.1) == []
+    assert srv.next_deadline() is None
+    assert srv.state(CALL) is DialogState.CONFIRMED
+
+
+def test_no_ack_ends_the_call_after_64_t1() -> None:
+    srv, ports = server()
+    deliver(srv, invite_for("cisco-siprec-offer.txt", call_id=CALL), 0.0)
+    out: list[Output] = []
+    while (deadline := srv.next_deadline()) is not None:
+        out += srv.on_timer(deadline)
+    assert events(out) == [CallEnded("ack_timeout")]
+    assert any(isinstance(o, CallReleased) for o in out)
+    assert srv.calls == () and ports.owned == {}
+    assert max(statuses(out)) == 200 and len(sent(out)) == 10  # 0.5, 1.5, 3.5, 7.5, ... 31.5
+
+
+def test_no_retransmission_over_tcp() -> None:
+    srv, _ = server()
+    deliver(srv, invite_for("cisco-siprec-offer.txt", call_id=CALL), 0.0, transport="tcp")
+    assert srv.next_deadline() == 32.0
+    ok_contact = srv.on_timer(1.0)
+    assert ok_contact == []
+
+
+def test_cancel_before_answer() -> None:
+    srv, ports = server(auto_accept=False)
+    invite = invite_for("cisco-siprec-offer.txt", call_id=CALL)
+    out = deliver(srv, invite, 0.0)
+    assert statuses(out) == [100]
+    assert isinstance(out[1], IncomingCall) and srv.state(CALL) is DialogState.PROCEEDING
+    cancel = SipRequest(
+        "CANCEL",
+        invite.uri,
+        Headers.of(
+            [
+                ("Via", invite.headers.get("Via") or ""),
+                ("From", invite.headers.get("From") or ""),
+                ("To", invite.headers.get("To") or ""),
+                ("Call-ID", CALL),
+                ("CSeq", f"{invite.cseq[0]} CANCEL"),
+            ]
+        ),
+    )
+    out = deliver(srv, cancel, 0.2)
+    responses = sent(out)
+    assert [(r.status, r.headers.get("CSeq")) for r in responses] == [
+        (200, "1 CANCEL"),
+        (487, "1 INVITE"),
+    ]
+    assert [type(o) for o in out if not isinstance(o, Send)] == [Cancelled, CallReleased]
+    assert srv.calls == () and ports.owned == {}
+    # The 487 is repeated until its ACK.
+    assert sent(srv.on_timer(0.7)) == [responses[1]]
+    deliver(srv, ack_for(invite, responses[1]), 0.8)
+    assert srv.next_deadline() is None
+
+
+def test_manual_accept_and_reject() -> None:
+    srv, _ = server(auto_accept=False)
+    deliver(srv, invite_for("cisco-siprec-offer.txt", call_id="a"), 0.0)
+    assert statuses(srv.accept("a", 0.1)) == [200]
+    deliver(srv, invite_for("cisco-siprec-offer.txt", call_id="b", branch="z9hG4bK-b"), 0.0)
+    out = srv.reject("b", 486, 0.1)
+    assert statuses(out) == [486] and any(isinstance(o, Rejected) for o in out)
+
+
+def test_no_free_ports_is_503() -> None:
+    srv, ports = server()
+    ports.free = 1
+    out = deliver(srv, invite_for("cisco-siprec-offer.txt", call_id=CALL), 0.0)
+    assert statuses(out) == [100, 503] and srv.calls == ()
+
+
+def test_options_and_draining() -> None:
+    srv, _ = server()
+    options = SipRequest(
+        "OPTIONS",
+        "sip:srs@10.0.0.5",
+        Headers.of(
+            [
+                ("Via", "SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK-o1"),
+                ("From", "<sip:probe@192.0.2.10>;tag=p"),
+                ("To", "<sip:srs@10.0.0.5>"),
+                ("Call-ID", "probe-1"),
+                ("CSeq", "1 OPTIONS"),
+            ]
+        ),
+    )
+    ok = sent(deliver(srv, options, 0.0))[0]
+    assert ok.status == 200 and "INVITE" in (ok.headers.get("Allow") or "")
+    establish(srv)
+    srv.drain()
+    again = SipRequest(
+        options.method,
+        options.uri,
+        options.headers.replace("Via", "SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK-o2"),
+    )
+    assert statuses(deliver(srv, again, 1.0)) == [503]
+    new_call = invite_for("cisco-siprec-offer.txt", call_id="late", branch="z9hG4bK-late")
+    assert statuses(deliver(srv, new_call, 1.0)) == [503]
+    assert srv.calls == (CALL,)  # the call in progress is untouched
+
+
+def test_reinvite_to_hold_and_back() -> None:
+    srv, _ = server()
+    ok = establish(srv)
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    hold_body = body.replace(b"a=sendonly", b"a=inactive")
+    hold = in_dialog("INVITE", ok, 2, body=hold_body, content_type=content_type)
+    out = deliver(srv, hold, 5.0)
+    assert events(out) == [Hold()]
+    answer = sent(out)[-1]
+    sdp = parse_sdp(answer.body)
+    assert [sdp.direction_of(i) for i in range(2)] == ["inactive", "inactive"]
+    assert [m.port for m in sdp.media] == [40000, 40002]  # same ports
+    assert "o=callgate" in answer.body.decode() and " 2 IN IP4" in answer.body.decode()
+    deliver(srv, ack_for(hold, answer), 5.1)
+    back = in_dialog("INVITE", ok, 3, body=body, content_type=content_type)
+    out = deliver(srv, back, 9.0)
+    assert events(out) == [Resume()]
+    assert [parse_sdp(sent(out)[-1].body).direction_of(i) for i in range(2)] == [
+        "recvonly",
+        "recvonly",
+    ]
+    assert any(isinstance(o, MediaPlan) for o in out)
+
+
+def test_inactive_initial_offer_starts_on_hold() -> None:
+    srv, _ = server()
+    out = deliver(srv, invite_for("inactive-sdp-offer.txt", call_id=CALL), 0.0)
+    assert [type(e) for e in events(out)] == [CallStarted, Hold]
+
+
+def test_update_with_metadata_changes_participants() -> None:
+    srv, _ = server()
+    ok = establish(srv)
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    start = body.index(b"<?xml")
+    end = body.index(b"</recording>") + len(b"</recording>")
+    document = body[start:end].replace(
+        b'<nameID aor="sip:7301@35.162.237.204">',
+        b'<nameID aor="sip:7301@35.162.237.204"><name>Alice</name>',
+    )
+    update = in_dialog("UPDATE", ok, 2, body=document, content_type="application/rs-metadata+xml")
+    out = deliver(srv, update, 3.0)
+    assert statuses(out) == [200] and sent(out)[0].body == b""
+    (changed,) = events(out)
+    assert isinstance(changed, MetadataChanged)
+    assert [(c.index, c.role, c.participant) for c in changed.channels] == [
+        (0, "customer", "Alice"),
+        (1, "agent", "7300"),
+    ]
+    # The same document again changes nothing.
+    again = in_dialog("UPDATE", ok, 3, body=document, content_type="application/rs-metadata+xml")
+    assert events(deliver(srv, again, 4.0)) == []
+
+
+def test_bye_ends_the_call() -> None:
+    srv, ports = server()
+    ok = establish(srv)
+    out = deliver(srv, in_dialog("BYE", ok, 2), 60.0)
+    assert statuses(out) == [200]
+    assert events(out) == [CallEnded("bye")]
+    assert srv.calls == () and ports.owned == {}
+    # A second BYE (not a retransmission: new branch) finds no dialog.
+    stray = in_dialog("BYE", ok, 3)
+    assert statuses(deliver(srv, stray, 61.0)) == [481]
+
+
+def test_unknown_dialog_is_481() -> None:
+    srv, _ = server()
+    ok = establish(srv)
+    wrong_tag = in_dialog("BYE", ok, 2)
+    wrong_tag = SipRequest(
+        "BYE", wrong_tag.uri, wrong_tag.headers.replace("To", "<sip:srs@10.0.0.5>;tag=nope")
+    )
+    out = deliver(srv, wrong_tag, 1.0)
+    assert statuses(out) == [481] and srv.calls == (CALL,)
+
+
+def test_allowlist_403() -> None:
+    srv, _ = server(allowlist=("10.0.0.0/8", "2001:db8::/32"))
+    out = deliver(srv, invite_for("cisco-siprec-offer.txt"), 0.0, source=("192.0.2.99", 5060))
+    assert statuses(out) == [403]
+    rejected = [o for o in out if isinstance(o, Rejected)]
+    assert rejected and rejected[0].status == 403 and srv.calls == ()
+    allowed = invite_for("cisco-siprec-offer.txt", call_id="ok", branch="z9hG4bK-ok")
+    out = deliver(srv, allowed, 0.0, source=("10.1.2.3", 5060))
+    assert statuses(out) == [100, 200]
+
+
+def test_digest_challenge_and_response() -> None:
+    auth = DigestAuth("srs.example", {"sbc": "s3cret"}, secret=b"k" * 32)
+    srv, _ = server(digest=auth)
+    invite = invite_for("cisco-siprec-offer.txt", call_id=CALL)
+    out = deliver(srv, invite, 100.0)
+    (challenge,) = sent(out)
+    assert challenge.status == 401
+    offers = challenge.headers.get_all("WWW-Authenticate")
+    assert [("SHA-256" in o, "MD5" in o) for o in offers] == [(True, False), (False, True)]
+    deliver(srv, ack_for(invite, challenge), 100.1)
+    params = header_params(offers[0].split(" ", 1)[1].replace(",", ";"))
+    nonce = params["nonce"]
+    assert nonce is not None
+    for algorithm, branch, call_id in (("SHA-256", "z9hG4bK-2", CALL), ("MD5", "z9hG4bK-3", "c2")):
+        authorization = digest_response(
+            username="sbc",
+            password="s3cret",
+            realm="srs.example",
+            nonce=nonce,
+            method="INVITE",
+            uri=invite.uri,
+            algorithm=algorithm,
+        )
+        retry = invite_for(
+            "cisco-siprec-offer.txt",
+            call_id=call_id,
+            branch=branch,
+            cseq=2,
+            extra=(("Authorization", authorization),),
+        )
+        assert statuses(deliver(srv, retry, 101.0)) == [100, 200]
+    wrong = digest_response(
+        username="sbc",
+        password="guess",
+        realm="srs.example",
+        nonce=nonce,
+        method="INVITE",
+        uri=invite.uri,
+    )
+    bad = invite_for(
+        "cisco-siprec-offer.txt",
+        call_id="c3",
+        branch="z9hG4bK-4",
+        extra=(("Authorization", wrong),),
+    )
+    assert statuses(deliver(srv, bad, 101.0)) == [403]
+    late = invite_for(
+        "cisco-siprec-offer.txt",
+        call_id="c4",
+        branch="z9hG4bK-5",
+        extra=(
+            (
+                "Authorization",
+                digest_response(
+                    username="sbc",
+                    password="s3cret",
+                    realm="srs.example",
+                    nonce=nonce,
+                    method="INVITE",
+                    uri=invite.uri,
+                ),
+            ),
+        ),
+    )
+    stale = sent(deliver(srv, late, 100.0 + 301))
+    assert stale[0].status == 401
+    assert "stale=true" in (stale[0].headers.get("WWW-Authenticate") or "")
+
+
+def test_unsupported_content_type_require_and_codecs() -> None:
+    srv, _ = server()
+    base = invite_for("cisco-siprec-offer.txt")
+    text = SipRequest(
+        "INVITE", base.uri, base.headers.replace("Content-Type", "text/plain"), b"hello"
+    )
+    out = deliver(srv, text, 0.0)
+    assert statuses(out) == [415] and "application/sdp" in (
+        sent(out)[0].headers.get("Accept") or ""
+    )
+    req = invite_for(
+        "cisco-siprec-offer.txt",
+        call_id="r",
+        branch="z9hG4bK-r",
+        extra=(("Require", "siprec, 100rel, foo"),),
+    )
+    out = deliver(srv, req, 0.0)
+    assert statuses(out) == [420]
+    assert sent(out)[0].headers.get("Unsupported") == "100rel, foo"
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    g729 = body.replace(b"RTP/AVP 0 101", b"RTP/AVP 18").replace(b"a=rtpmap:0 PCMU", b"a=x:0")
+    req = invite_for("cisco-siprec-offer.txt", call_id="g", branch="z9hG4bK-g")
+    req = SipRequest(req.method, req.uri, req.headers, g729)
+    assert statuses(deliver(srv, req, 0.0)) == [488]
+    assert srv.calls == ()
+
+
+def test_malformed_message_is_answered_400_and_other_calls_continue() -> None:
+    srv, _ = server()
+    establish(srv)
+    broken = invite_for("cisco-siprec-offer.txt", call_id="x", branch="z9hG4bK-x").to_bytes()
+    broken = broken.replace(b"Call-ID: x\r\n", b"")
+    out = deliver(srv, broken, 1.0)
+    assert statuses(out) == [400]
+    assert [o.reason for o in out if isinstance(o, Rejected)] == ["missing_header"]
+    assert srv.calls == (CALL,) and srv.state(CALL) is DialogState.CONFIRMED
