@@ -13,6 +13,7 @@ PACKAGES=(
     chromium-driver   # ... and the WebDriver that Selenium drives it with (/usr/bin/chromedriver)
     systemd           # tests/test_systemd_unit.py: systemd-analyze verify / security
     prometheus        # tests/test_monitoring_assets.py: promtool check rules / test rules / check metrics
+    sip-tester        # tests/test_siprec_sipp.py: sipp (3.6.1) plays SIPREC calls from tests/sipp/*.xml
 )
 
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then

@@ -407,6 +407,18 @@ def test_a_cursor_that_was_never_issued_is_refused(gateway: BackgroundGateway, c
     assert "cursor" in resp.text
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "yesterday"])
+def test_a_time_filter_that_is_not_a_finite_number_is_refused(
+    gateway: BackgroundGateway, value: str
+) -> None:
+    for name in ("since", "until"):
+        resp = requests.get(
+            f"{gateway.http}/v1/calls", params={name: value}, headers=ADMIN, timeout=TIMEOUT_S
+        )
+        assert resp.status_code == 400, (name, value)
+        assert name in resp.text
+
+
 def test_a_deeply_nested_cursor_is_refused(gateway: BackgroundGateway) -> None:
     cursor = base64.urlsafe_b64encode(b"[" * 3000).decode().rstrip("=")
     resp = requests.get(

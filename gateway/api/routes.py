@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -153,9 +154,12 @@ def _float(request: web.Request, name: str) -> float | None:
     if raw is None or raw == "":
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be a number (unix time)\n") from None
+        value = math.nan
+    if not math.isfinite(value):  # nan/inf would silently match nothing or everything
+        raise web.HTTPBadRequest(text=f"{name} must be a finite number (unix time)\n")
+    return value
 
 
 _STATES = ("new", "active", "ending", "ended", "failed", "interrupted")

@@ -222,6 +222,7 @@ class Call:
                         offset_ms=0,
                         partials=opts.partials,
                         options=dict(opts.stt_options),
+                        call_id=self.call_id,
                     )
                 )
                 channel = Channel(

@@ -178,7 +178,7 @@ class AssemblyAISession:
         self._arrivals: deque[tuple[int, int, float]] = deque()  # (start, end, arrival time)
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"stt-aai-ch{params.channel}")
-        self._log = log.bind(channel=params.channel)
+        self._log = log.bind(call_id=params.call_id or None, channel=params.channel)
 
     # -- SttSession -----------------------------------------------------------------------------
 

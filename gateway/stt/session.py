@@ -31,6 +31,7 @@ class SessionParams:
     offset_ms: int = 0
     partials: bool = True
     options: dict[str, object] = field(default_factory=dict)
+    call_id: str = ""  # for log lines only
 
 
 @dataclass(frozen=True, slots=True)
