@@ -369,9 +369,9 @@ async def test_capacity_limit_refuses_with_503(tmp_path: Path) -> None:
 
 
 def test_close_reason_fits_a_close_frame() -> None:
-    from gateway.ingress.twilio_handler import _close_text
+    from gateway.ingress.ws_shell import close_text
 
-    text = _close_text("bad_message", "é" * 200)
+    text = close_text("bad_message", "é" * 200)
     assert len(text) <= 123
     text.decode("utf-8")
     assert re.match(rb"^bad_message: ", text)

@@ -32,6 +32,7 @@ from gateway.ingress.stereo_ws import SOURCE, StereoStreamDecoder, StereoWsProto
 from gateway.ingress.ws_shell import (
     MediaCounter,
     RateGuard,
+    SocketLink,
     StreamError,
     call_options,
     close_code,
@@ -156,18 +157,6 @@ class StereoWsHandler:
         return ws
 
 
-class _Link:
-    """The StreamLink a LiveCall uses to close this stream's socket."""
-
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
-        self.closed_by_call: str | None = None
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed_by_call = reason
-        await self.ws.close(code=code, message=close_text(reason, ""))
-
-
 class _Stream:
     """One accepted WebSocket: decode, feed the call, close on bad input."""
 
@@ -177,7 +166,7 @@ class _Stream:
         self.h = handler
         self.ws = ws
         self.decoder = decoder
-        self.link = _Link(ws)
+        self.link = SocketLink(ws)
         self.live: LiveCall | None = None
         self.placement: StreamPlacement | None = None
         self.counter = MediaCounter(handler.metrics, SOURCE)

@@ -21,13 +21,22 @@ import time
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.calls.call import CallError, CallOptions
+from gateway.calls.call import CallError
 from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import MediaStreamSettings, Settings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
 from gateway.ingress.twilio import Dialect, TwilioDecoder, TwilioProtocolError
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
+from gateway.ingress.ws_shell import (
+    MediaCounter,
+    RateGuard,
+    SocketLink,
+    StreamError,
+    call_options,
+    close_code,
+    close_text,
+)
 from gateway.media.clock import TimestampJump
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -35,39 +44,7 @@ from gateway.stt.engines import EngineSet
 
 log = get_logger("gateway.ingress")
 
-# Close codes for stream errors: 1009 for size, 1003 for data we cannot take, 1008 otherwise.
-_CLOSE_CODES = {
-    "message_too_large": WSCloseCode.MESSAGE_TOO_BIG,
-    "unsupported_codec": WSCloseCode.UNSUPPORTED_DATA,
-    "format_changed": WSCloseCode.UNSUPPORTED_DATA,
-}
 _ENGINE_PARAMETER = "stt_engine"
-
-
-class StreamError(Exception):
-    """This stream must close: ``reason`` is the metric token, the message the detail."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def _close_text(reason: str, detail: str) -> bytes:
-    """``reason: detail`` cut to the 123 bytes a close frame can carry."""
-    text = f"{reason}: {detail}" if detail else reason
-    return text.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-
-
-class _Link:
-    """The StreamLink a LiveCall uses to close this stream's socket."""
-
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self.ws = ws
-        self.closed_by_call: str | None = None
-
-    async def close(self, code: int, reason: str) -> None:
-        self.closed_by_call = reason
-        await self.ws.close(code=code, message=_close_text(reason, ""))
 
 
 class MediaStreamHandler:
@@ -100,8 +77,6 @@ class MediaStreamHandler:
             else None
         )
         self._secret = conf.shared_secret.get_secret_value()
-        self._frames = metrics.media_frames.labels(dialect)
-        self._bytes = metrics.media_bytes.labels(dialect)
         self._log = log.bind(source=dialect)
 
     # -- before the upgrade ----------------------------------------------------------------------
@@ -175,18 +150,6 @@ class MediaStreamHandler:
 
     # -- after the upgrade -----------------------------------------------------------------------
 
-    def call_options(self) -> CallOptions:
-        s = self._settings
-        return CallOptions(
-            default_roles=s.calls.default_roles,
-            join_same_speaker=s.transcript.join_same_speaker,
-            max_join_gap_ms=s.transcript.max_join_gap_ms,
-            partials=True,
-            max_channels=s.calls.max_channels,
-            max_timestamp_jump_s=s.calls.max_timestamp_jump_s,
-            log_transcripts=s.logging.log_transcripts,
-        )
-
     def decoder(self) -> TwilioDecoder:
         c = self.conf
         return TwilioDecoder(
@@ -207,17 +170,16 @@ class _Stream:
     ) -> None:
         self.h = handler
         self.ws = ws
-        self.link = _Link(ws)
+        self.link = SocketLink(ws)
         self.decoder = handler.decoder()
         self.live: LiveCall | None = None
         self.placement: StreamPlacement | None = None
-        self.started_at = 0.0
         self.query_secret_ok = query_secret_ok
         self.log = handler._log
-        calls = handler._settings.calls
-        self.max_speed = calls.max_speed
-        self.burst_ms = calls.burst_s * 1000
-        self.frames = self.bytes = self.frames_counted = self.bytes_counted = 0
+        self.rate = RateGuard(handler._settings)
+        # Counted here, added to the Prometheus counters in batches: two locked counter
+        # increments per frame were a measurable share of the per-frame cost.
+        self.counter = MediaCounter(handler._metrics, handler.dialect)
 
     async def run(self) -> None:
         detach_reason = "disconnected"
@@ -244,7 +206,7 @@ class _Stream:
                     break
         finally:
             await self._flush_reorder()
-            self.count_media()
+            self.counter.flush()
             if self.live is not None:
                 self.live.detach(self.link, detach_reason)
 
@@ -268,8 +230,7 @@ class _Stream:
             stream_id=self.decoder.stream_id,
         )
         if not self.ws.closed:
-            code = _CLOSE_CODES.get(reason, WSCloseCode.POLICY_VIOLATION)
-            await self.ws.close(code=code, message=_close_text(reason, detail))
+            await self.ws.close(code=close_code(reason), message=close_text(reason, detail))
 
     async def _message(self, data: str | bytes) -> bool:
         """Handle one message; True once the stream has said stop."""
@@ -296,33 +257,14 @@ class _Stream:
     async def _audio(self, event: Audio) -> None:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
-        # Counted here, added to the Prometheus counters every 50 frames and at the end: two
-        # locked counter increments per frame were a measurable share of the per-frame cost.
-        self.frames += 1
-        self.bytes += len(event.payload)
-        if self.frames - self.frames_counted >= 50:
-            self.count_media()
+        self.counter.add(len(event.payload))
+        self.rate.check(self.decoder.media_ms_received)
         now = time.monotonic()
-        elapsed_ms = (now - self.started_at) * 1000
-        if self.decoder.media_ms_received > self.burst_ms + self.max_speed * elapsed_ms:
-            raise StreamError(
-                "rate_exceeded",
-                f"{self.decoder.media_ms_received / 1000:.1f} s of audio in "
-                f"{elapsed_ms / 1000:.1f} s (limit {self.max_speed}x real time + "
-                f"{self.burst_ms / 1000:.0f} s)",
-            )
         if live.first_media_at is None:
             live.first_media_at = now
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
             event = placement.place(event, lambda: live.continuation_base(now))
         await self._call_handle(event)
-
-    def count_media(self) -> None:
-        """Add the frames and bytes not yet counted to the media metrics."""
-        h = self.h
-        h._frames.inc(self.frames - self.frames_counted)
-        h._bytes.inc(self.bytes - self.bytes_counted)
-        self.frames_counted, self.bytes_counted = self.frames, self.bytes
 
     async def _call_handle(self, event: IngressEvent) -> None:
         assert self.live is not None
@@ -337,7 +279,7 @@ class _Stream:
 
     async def _start(self, started: CallStarted) -> None:
         h = self.h
-        self.started_at = time.monotonic()
+        self.rate.start()
         params = started.metadata
         secret_key = f"param.{h.conf.secret_parameter}"
         if h._secret and not self.query_secret_ok:
@@ -373,7 +315,7 @@ class _Stream:
         try:
             live = h._registry.create(
                 engine,
-                h.call_options(),
+                call_options(h._settings),
                 source=h.dialect,
                 key=key,
                 grace_s=h.conf.redirect_grace_s,

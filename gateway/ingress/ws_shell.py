@@ -1,6 +1,6 @@
 """Pieces the thin aiohttp WebSocket shells of the AudioHook and stereo PCM ingresses share.
 
-The Twilio shell (``twilio_handler.py``) has its own copies; these follow the same rules: a
+The same rules for every WebSocket ingress (Twilio and its cousins, AudioHook, stereo PCM): a
 refusal before the upgrade is an HTTP status plus ``streams_rejected{source, reason}`` and one
 warning line without headers or query string (they may carry secrets); a stream error is a
 close code plus ``reason: detail`` text, ``stream_errors{source, reason}`` and one warning.
@@ -20,6 +20,7 @@ from gateway.observability.metrics import Metrics
 CLOSE_CODES = {
     "message_too_large": WSCloseCode.MESSAGE_TOO_BIG,
     "unsupported_format": WSCloseCode.UNSUPPORTED_DATA,
+    "unsupported_codec": WSCloseCode.UNSUPPORTED_DATA,
     "format_changed": WSCloseCode.UNSUPPORTED_DATA,
 }
 
@@ -40,6 +41,18 @@ def close_text(reason: str, detail: str) -> bytes:
     """``reason: detail`` cut to the 123 bytes a close frame can carry."""
     text = f"{reason}: {detail}" if detail else reason
     return text.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
+class SocketLink:
+    """The StreamLink a LiveCall uses to close a stream's WebSocket (max duration, drain)."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.closed_by_call: str | None = None
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closed_by_call = reason
+        await self.ws.close(code=code, message=close_text(reason, ""))
 
 
 def call_options(settings: Settings) -> CallOptions:
@@ -75,6 +88,10 @@ class RateGuard:
         self.max_speed = settings.calls.max_speed
         self.burst_ms = settings.calls.burst_s * 1000
         self.started_at: float | None = None
+
+    def start(self) -> None:
+        """Start the allowance now (else it starts at the first :meth:`check`)."""
+        self.started_at = time.monotonic()
 
     def check(self, media_ms: float) -> None:
         """Raise StreamError(rate_exceeded) when ``media_ms`` is beyond what time allows."""
