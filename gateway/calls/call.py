@@ -273,8 +273,12 @@ class Call:
         return channel
 
     async def _audio(self, event: Audio) -> None:
-        self._require(CallState.ACTIVE)
-        channel = self._channel(event.channel)
+        # The hot path (every 20 ms frame): _require and _channel inlined.
+        if self.state is not CallState.ACTIVE:
+            raise CallError(f"call {self.call_id} is {self.state.value}")
+        channel = self.channels.get(event.channel)
+        if channel is None:
+            raise CallError(f"call {self.call_id}: unknown channel {event.channel}")
         start: int | None = None
         if event.timestamp is not None:
             rate = channel.spec.sample_rate

@@ -34,13 +34,14 @@ the payload is byte-swapped to little-endian.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import heapq
 import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+import orjson
 
 from gateway.ingress.events import Audio, CallEnded, CallStarted, ChannelSpec, Dtmf, IngressEvent
 from gateway.media.codec import Codec, UnsupportedCodec, parse_codec
@@ -261,6 +262,7 @@ class TwilioDecoder:
         self.stream_id: str | None = None
         self.ended = False
         self.codec: Codec | None = None
+        self._width = 1  # bytes per sample of the codec (set at start)
         self.sample_rate = 0
         self._channel_of: dict[Track, int] = {}
         self._samples: list[int] = []
@@ -334,7 +336,7 @@ class TwilioDecoder:
         if self.ended:
             raise _err("after_stop", "message received after the stream's stop event")
         try:
-            msg = json.loads(bytes(text) if not isinstance(text, str) else text)
+            msg = orjson.loads(bytes(text) if not isinstance(text, str) else text)
         except (ValueError, RecursionError) as exc:
             raise _err("malformed_json", f"message is not valid JSON: {exc}") from None
         if not isinstance(msg, dict):
@@ -403,6 +405,7 @@ class TwilioDecoder:
 
         self.stream_id = source_ids.get("streamSid") or source_ids.get("stream_id")
         self.codec = codec
+        self._width = codec.sample_width
         self.sample_rate = rate
         self._samples = [0] * len(channels)
         self.started = CallStarted(self.dialect, tuple(channels), source_ids, metadata)
@@ -434,12 +437,13 @@ class TwilioDecoder:
         if not isinstance(payload_b64, str):
             raise _err("bad_message", "media.payload must be a base64 string")
         try:
-            payload = base64.b64decode(payload_b64, validate=True)
+            payload = binascii.a2b_base64(payload_b64, strict_mode=True)
         except (binascii.Error, ValueError):
             raise _err("bad_base64", "media.payload is not valid base64") from None
         codec = self.codec
         assert codec is not None
-        if len(payload) % codec.sample_width:
+        width = self._width
+        if len(payload) % width:
             raise _err(
                 "bad_payload",
                 f"media payload of {len(payload)} bytes is not a whole number of "
@@ -452,7 +456,7 @@ class TwilioDecoder:
             payload = bytes(swapped)
         self.frames += 1
         self.bytes += len(payload)
-        self._samples[channel] += len(payload) // codec.sample_width
+        self._samples[channel] += len(payload) // width
         if not payload:
             return []
         timestamp = None if ts_ms is None else ts_ms * self.sample_rate // 1000
@@ -466,7 +470,7 @@ class TwilioDecoder:
             return None
         if isinstance(value, int) and not isinstance(value, bool):
             ms = value
-        elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
             ms = int(value)
         else:
             raise _err(

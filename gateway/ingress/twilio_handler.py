@@ -234,9 +234,10 @@ class _Stream:
 
     async def _message(self, data: str | bytes) -> bool:
         """Handle one message; True once the stream has said stop."""
-        events = self.decoder.receive(data)
-        for event in events:
-            if await self._event(event):
+        for event in self.decoder.receive(data):
+            if type(event) is Audio:  # the hot path: every 20 ms frame
+                await self._audio(event)
+            elif await self._event(event):
                 return True
         return False
 
@@ -264,17 +265,24 @@ class _Stream:
             live.first_media_at = now
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
             event = placement.place(event, lambda: live.continuation_base(now))
-        await self._call_handle(event)
+        try:
+            await live.call.handle(event)
+        except (TimestampJump, CallError) as exc:
+            self._call_refused(exc)
 
     async def _call_handle(self, event: IngressEvent) -> None:
         assert self.live is not None
         try:
             await self.live.call.handle(event)
-        except TimestampJump as exc:
+        except (TimestampJump, CallError) as exc:
+            self._call_refused(exc)
+
+    def _call_refused(self, exc: TimestampJump | CallError) -> None:
+        """Raise the StreamError for an event the call refused (nothing if the call ended
+        under us: shutdown, max duration)."""
+        if isinstance(exc, TimestampJump):
             raise StreamError("bad_timestamp", str(exc)) from None
-        except CallError as exc:
-            if self.link.closed_by_call is not None:
-                return  # the call ended under us (shutdown, max duration): nothing to report
+        if self.link.closed_by_call is None:
             raise StreamError("call_error", str(exc)) from None
 
     async def _start(self, started: CallStarted) -> None:
