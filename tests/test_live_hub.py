@@ -41,6 +41,24 @@ def test_compaction_drops_only_superseded_partials_outside_the_recent_window() -
     assert any(e.type == "turn.partial" and e.data["key"] == "0:0:10" for e in log.after(0))
 
 
+def test_events_beyond_the_recent_window_keep_only_their_json_text() -> None:
+    log = EventLog("c1", keep_full=5)
+    texts = {}
+    for i in range(12):
+        log.append("turn.partial", _turn(f"0:0:{i}", "x"))
+        event = log.append("turn.final", _turn(f"0:0:{i}", f"final {i}"))
+        assert event is not None
+        texts[event.seq] = event.json_text
+    log.compact(keep_last=5)
+    events = list(log.after(0))
+    old, recent = events[:-5], events[-5:]
+    assert all(e.data for e in recent)
+    assert [e.type for e in old] == ["turn.final"] * len(old) and len(old) == 9
+    assert all(e.data == {} for e in old)
+    # A resuming subscriber gets exactly what was sent the first time.
+    assert all(e.json_text == texts[e.seq] for e in events if e.type == "turn.final")
+
+
 def test_a_slow_subscriber_is_closed_and_others_go_on() -> None:
     slow, fast = Subscription(limit=3), Subscription(limit=3)
     for i in range(5):

@@ -59,6 +59,14 @@ class CallEvent:
         """The event as JSON text, encoded once however many subscribers send it."""
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
 
+    def slim(self) -> CallEvent:
+        """The same event holding only its JSON text (``data`` emptied): for old events kept
+        for resuming subscribers, at about a quarter of the memory."""
+        text = self.json_text
+        slim = CallEvent(self.call_id, self.seq, self.type, self.time, {})
+        slim.__dict__["json_text"] = text  # the cached_property's slot: no re-encoding
+        return slim
+
     def to_json(self) -> dict[str, Any]:
         return {
             "seq": self.seq,
@@ -153,9 +161,11 @@ class EventLog:
     was restored from the store after a restart and starts later.
     """
 
-    def __init__(self, call_id: str, *, next_seq: int = 1) -> None:
+    def __init__(self, call_id: str, *, next_seq: int = 1, keep_full: int = 300) -> None:
         self.call_id = call_id
         self._events: list[CallEvent] = []
+        # Events older than the newest keep_full are kept as JSON text only (CallEvent.slim).
+        self._keep_full = keep_full
         self._next = next_seq
         self._finals: set[str] = set()
         self.dropped_partials = 0
@@ -192,6 +202,11 @@ class EventLog:
         event = CallEvent(self.call_id, self._next, type_, time.time() if at is None else at, data)
         self._next += 1
         self._events.append(event)
+        i = len(self._events) - 1 - self._keep_full
+        if i >= 0:
+            old = self._events[i]
+            if old.data and old.type != "turn.partial":  # partials: compaction drops them
+                self._events[i] = old.slim()
         if type_ == "call.ended":
             self.closed = True
         return event
@@ -227,7 +242,11 @@ class EventLog:
         """
         cut = max(0, len(self._events) - keep_last)
         old = self._events[:cut]
-        kept = [e for e in old if not (e.type == "turn.partial" and e.data["key"] in self._finals)]
+        kept = [
+            e
+            for e in old
+            if not (e.type == "turn.partial" and e.data and e.data["key"] in self._finals)
+        ]
         dropped = len(old) - len(kept)
         if dropped:
             self._events = kept + self._events[cut:]

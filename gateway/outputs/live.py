@@ -116,7 +116,7 @@ class CallPublisher:
     def __init__(self, hub: LiveHub, call: Call) -> None:
         self.hub = hub
         self.call_id = call.call_id
-        self.log = EventLog(call.call_id)
+        self.log = EventLog(call.call_id, keep_full=_KEEP_RECENT)
         self.subscribers: set[Subscription] = set()
         self._compact_at = _COMPACT_AT
         self._queue: asyncio.Queue[
