@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from gateway.outputs.events import EventLog
-from gateway.outputs.live import Subscription
+from gateway.outputs.events import CallEvent, EventLog
+from gateway.outputs.live import LiveHub, Subscription
 
 
 def _turn(key: str, text: str) -> dict[str, Any]:
@@ -57,6 +58,20 @@ def test_events_beyond_the_recent_window_keep_only_their_json_text() -> None:
     assert all(e.data == {} for e in old)
     # A resuming subscriber gets exactly what was sent the first time.
     assert all(e.json_text == texts[e.seq] for e in events if e.type == "turn.final")
+
+
+def test_firehose_items_beyond_the_recent_window_keep_only_their_json_text() -> None:
+    hub = LiveHub(firehose_buffer=1000)
+    publisher: Any = SimpleNamespace(subscribers=set())
+    texts = []
+    for i in range(400):
+        event = CallEvent("c1", i + 1, "turn.final", 0.0, {"key": f"0:0:{i}", "text": f"t{i}"})
+        texts.append(event.json_text)
+        hub.publish(publisher, event)
+    backlog, _sub, complete = hub.subscribe_all(0)
+    assert complete and [item.gseq for item in backlog] == list(range(1, 401))
+    assert [item.event.json_text for item in backlog] == texts
+    assert [bool(item.event.data) for item in backlog] == [False] * 100 + [True] * 300
 
 
 def test_a_slow_subscriber_is_closed_and_others_go_on() -> None:

@@ -265,7 +265,14 @@ class LiveHub:
             publisher.subscribers.clear()
         self._gseq += 1
         item = FirehoseEvent(self._gseq, event)
-        self._firehose.append(item)
+        firehose = self._firehose
+        firehose.append(item)
+        if len(firehose) > _KEEP_RECENT:
+            # Older items are only ever resent as text: keep just that (a deque is cheap to
+            # index near its ends).
+            old = firehose[-_KEEP_RECENT - 1]
+            if old.event.data:
+                firehose[-_KEEP_RECENT - 1] = FirehoseEvent(old.gseq, old.event.slim())
         for sub in list(self._all):
             sub.push(item)
             if sub.closed_reason is not None:
