@@ -102,6 +102,14 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     app.cleanup_ctx.append(_engines_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
+    if settings.siprec.enabled:
+        # After the registry: on cleanup the SIP listeners and RTP sockets close first.
+        from gateway.ingress.siprec.service import SIPREC, SiprecService
+
+        app[SIPREC] = SiprecService(
+            settings, registry=app[REGISTRY], engines=app[ENGINES], metrics=app[METRICS]
+        )
+        app.cleanup_ctx.append(app[SIPREC].context)
     app.on_shutdown.append(_close_live_feeds)
     app[api.ON_DELETE] = [_delete_files_of(app[TRANSCRIPTS])]
 
@@ -393,9 +401,9 @@ def _snapshot(app: web.Application) -> StateSnapshot:
             reconnects[(engine.name, reason)] = reconnects.get((engine.name, reason), 0) + n
         for reason, n in stats.failures.items():
             failures[(engine.name, reason)] = failures.get((engine.name, reason), 0) + n
-    sources = [
-        name for name in ("twilio", "telnyx", "signalwire") if getattr(settings, name).enabled
-    ]
+    # Every enabled ingress shows in callgate_calls_active, 0 included (dashboards list them).
+    ingresses = ("twilio", "telnyx", "signalwire", "audiohook", "stereo_ws", "siprec")
+    sources = [name for name in ingresses if getattr(settings, name).enabled]
     return StateSnapshot(
         sources=sources,
         calls_active=calls_active,

@@ -389,6 +389,77 @@ class StereoWsSettings(_Section):
         return _url_path(value)
 
 
+class SiprecSettings(_Section):
+    """SIPREC Session Recording Server: SIP over UDP/TCP (TLS with a certificate) plus RTP."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    # SIP transports to listen on (TLS is added when tls_cert and tls_key are set).
+    transports: tuple[Literal["udp", "tcp"], ...] = ("udp", "tcp")
+    # SIP listening ports (0: any free port).
+    udp_port: int = Field(5060, ge=0, le=65535)
+    tcp_port: int = Field(5060, ge=0, le=65535)
+    # SIP over TLS, on when both tls_cert and tls_key (PEM file paths) are set.
+    tls_port: int = Field(5061, ge=0, le=65535)
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Address written into our Contact and the SDP answer (where SBCs send RTP); "" = host, or
+    # this machine's primary address when host is a wildcard.
+    media_address: str = ""
+    # RTP ports (even, RTCP on port + 1) are taken from this range, two per recorded stream.
+    rtp_port_min: int = Field(40000, ge=1024, le=65534)
+    rtp_port_max: int = Field(40999, ge=1025, le=65535)
+    # Source addresses (CIDRs) allowed to send SIP; others get 403.
+    allowlist: tuple[str, ...] = ()
+    # Digest authentication of INVITEs: "user:password" entries (secrets: environment or
+    # credentials). With neither allowlist nor users, every INVITE is refused unless
+    # allow_any_source is true.
+    digest_users: tuple[SecretStr, ...] = ()
+    digest_realm: str = "callgate"
+    allow_any_source: bool = False
+    # Roles of the recorded parties: the caller (the SRC's first/calling participant) and callee.
+    caller_role: str = "customer"
+    callee_role: str = "agent"
+    # Stream labels (a=label) that mean the caller's stream.
+    caller_labels: tuple[str, ...] = ("1", "a_leg", "inbound", "10")
+    # Largest SIP message body accepted (bytes); larger ones are answered 413.
+    max_message_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
+    # RTP jitter buffer: reorder window and the longest a packet waits for a missing one (ms).
+    jitter_window_ms: int = Field(60, ge=0, le=1000)
+    jitter_max_delay_ms: int = Field(200, ge=20, le=5000)
+
+    @field_validator("allowlist")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not a CIDR or address") from None
+        return value
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SiprecSettings:
+        if self.rtp_port_max - self.rtp_port_min < 3:
+            raise ValueError("rtp_port_max must be at least rtp_port_min + 3")
+        for entry in self.digest_users:
+            user, sep, password = entry.get_secret_value().partition(":")
+            if not sep or not user or not password:
+                raise ValueError("digest_users entries must be 'user:password'")
+        if not self.transports and not self.tls_cert:
+            raise ValueError("transports: name at least one (or configure TLS)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.enabled and not (self.allowlist or self.digest_users or self.allow_any_source):
+            raise ValueError(
+                "allowlist: with SIPREC enabled set allowlist CIDRs or digest_users, or "
+                "allow_any_source = true"
+            )
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -420,6 +491,7 @@ class Settings(BaseSettings):
     signalwire: SignalWireSettings = SignalWireSettings()
     audiohook: AudioHookSettings = AudioHookSettings()
     stereo_ws: StereoWsSettings = StereoWsSettings()
+    siprec: SiprecSettings = SiprecSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

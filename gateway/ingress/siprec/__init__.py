@@ -10,5 +10,9 @@
 - :mod:`.dialog`: the UAS transaction/dialog state machine (``SiprecServer``).
 
 None of these modules imports asyncio or touches a socket or a clock; the transports feed them
-bytes and times and carry out what they return.
+bytes and times and carry out what they return. The thin asyncio shells around them:
+
+- :mod:`.transport`: SIP listeners on UDP, TCP and TLS (``SipTransports``);
+- :mod:`.rtp_ports`: RTP socket pairs from the configured port range (``RtpPorts``);
+- :mod:`.service`: ``SiprecService``, the SRS inside ``gateway serve`` (calls, timers, drain).
 """

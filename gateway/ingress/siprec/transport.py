@@ -1,0 +1,198 @@
+"""SIP transports of the Session Recording Server: UDP, TCP and TLS listeners (asyncio shell).
+
+:class:`SipTransports` owns the listening sockets and the connections, parses what arrives with
+:class:`~gateway.ingress.siprec.message.SipParser` and hands every result, in arrival order, to
+one synchronous ``handler(message_or_error, (ip, port), transport)``; :meth:`SipTransports.send`
+writes the bytes the core produced back out. Contract:
+
+- UDP: one parser for the socket, one datagram is one message (``feed_datagram``); keep-alive
+  datagrams (blank) are ignored.
+- TCP/TLS: one parser per connection (``feed``); after a :class:`ParseError` with ``fatal`` the
+  handler has answered it and the connection is closed (the framing is lost). Connections are
+  kept by peer address so answers go back on the connection the request came in on; a send to a
+  connection that is gone is dropped (returns False). A peer that does not read (more than
+  ``MAX_WRITE_BUFFER`` queued) is disconnected.
+- :meth:`SipTransports.close` closes the listeners, cancels and awaits every connection task and
+  closes every connection. The handler never runs after it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import typing
+from collections.abc import Callable
+
+from gateway.ingress.siprec.message import ParseError, ParseResult, SipParser
+from gateway.observability.logging import get_logger
+
+__all__ = ["Address", "MessageHandler", "SipTransports", "tls_context"]
+
+log = get_logger("gateway.siprec")
+
+Address = tuple[str, int]
+MessageHandler = Callable[[ParseResult, Address, str], None]
+MAX_WRITE_BUFFER = 1 << 20
+READ_BYTES = 65536
+CLOSE_WAIT_S = 2.0  # connections still open this long after close() are cancelled
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context from PEM files (blocking file reads: call it in a thread)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, owner: SipTransports) -> None:
+        self.owner = owner
+        self.parser = SipParser(max_body_bytes=owner.max_body_bytes)
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        result = self.parser.feed_datagram(data)
+        if result is not None and not self.owner.closed:
+            self.owner.deliver(result, (str(addr[0]), int(str(addr[1]))), "udp")
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("siprec.udp_error", error=repr(exc))
+
+
+class SipTransports:
+    """The SRS's SIP listeners and connections (see the module docstring)."""
+
+    def __init__(self, handler: MessageHandler, *, max_body_bytes: int = 64 * 1024) -> None:
+        """``handler`` gets every parsed message or parse error (synchronously, on the loop)."""
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.ports: dict[str, int] = {}
+        self.closed = False
+        self._udp: asyncio.DatagramTransport | None = None
+        self._servers: list[asyncio.Server] = []
+        self._writers: dict[tuple[str, Address], asyncio.StreamWriter] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def deliver(self, result: ParseResult, source: Address, transport: str) -> None:
+        """Hand one result to the handler; an exception there is logged, never propagated."""
+        try:
+            self.handler(result, source, transport)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not kill a listener
+            log.error("siprec.handler_failed", transport=transport, error=repr(exc))
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    async def start_udp(self, host: str, port: int) -> int:
+        """Listen for SIP over UDP; returns the bound port."""
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self), local_addr=(host, port)
+        )
+        self._udp = transport
+        bound = int(transport.get_extra_info("sockname")[1])
+        self.ports["udp"] = bound
+        return bound
+
+    async def start_stream(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen for SIP over TCP, or TLS with ``tls``; returns the bound port."""
+        name = "tls" if tls is not None else "tcp"
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._connection(reader, writer, name)
+
+        server = await asyncio.start_server(serve, host, port, ssl=tls, reuse_address=True)
+        self._servers.append(server)
+        bound = int(server.sockets[0].getsockname()[1])
+        self.ports[name] = bound
+        return bound
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, data: bytes, destination: Address, transport: str) -> bool:
+        """Write ``data`` to ``destination`` over ``transport``; False if that is impossible."""
+        if self.closed:
+            return False
+        if transport == "udp":
+            if self._udp is None or self._udp.is_closing():
+                return False
+            self._udp.sendto(data, destination)
+            return True
+        writer = self._writers.get((transport, destination))
+        if writer is None or writer.is_closing():
+            log.debug("siprec.no_connection", transport=transport, remote=destination[0])
+            return False
+        writer.write(data)
+        if writer.transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+            log.warning("siprec.slow_peer", transport=transport, remote=destination[0])
+            writer.close()
+        return True
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self.closed:
+            writer.close()
+            return
+        self._tasks.add(task)
+        peer = writer.get_extra_info("peername")
+        source: Address = (str(peer[0]), int(peer[1]))
+        key = (name, source)
+        self._writers[key] = writer
+        parser = SipParser(max_body_bytes=self.max_body_bytes)
+        try:
+            while not self.closed:
+                data = await reader.read(READ_BYTES)
+                if not data:
+                    break
+                fatal = False
+                for result in parser.feed(data):
+                    if self.closed:
+                        break
+                    self.deliver(result, source, name)
+                    if isinstance(result, ParseError) and result.fatal:
+                        fatal = True
+                        break
+                if fatal:
+                    with contextlib.suppress(ConnectionError, ssl.SSLError):
+                        await writer.drain()
+                    break
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.debug("siprec.connection_error", transport=name, error=repr(exc))
+        finally:
+            if self._writers.get(key) is writer:
+                del self._writers[key]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            self._tasks.discard(task)
+
+    async def close(self) -> None:
+        """Close listeners and connections; cancel and await every connection task."""
+        self.closed = True
+        if self._udp is not None:
+            self._udp.close()
+        for server in self._servers:
+            server.close()
+        for writer in list(self._writers.values()):
+            writer.close()  # the connection's read sees EOF and its task ends by itself
+        tasks = list(self._tasks)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            for task in stuck:
+                task.cancel()
+            for task in stuck:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()

@@ -1,0 +1,335 @@
+"""SIPREC through `gateway serve` over real loopback sockets (SIP over UDP/TCP, RTP over UDP).
+
+A small Python SIP client plays the Session Recording Client; the scripted engine hears
+"hello there" and "goodbye" on every channel, so each call's transcript is known. Covered: the
+200 retransmitted over UDP until the ACK, CANCEL before the answer, OPTIONS (and INVITE) while
+draining, a re-INVITE to hold and back, an INVITE from outside the allowlist, malformed SIP
+(answered or dropped, counted) while a concurrent call completes its transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.app import drain
+from gateway.calls.call import Call, CallOutput, CallUpdated
+from gateway.ingress.siprec.dialog import IncomingCall
+from gateway.ingress.siprec.message import SipParser, SipResponse, parse_name_addr
+from tests.gateway_server import Gateway, hello_engine, metric, poll_until
+from tests.siprec_peer import (
+    AORS,
+    NAMES,
+    SipTcpClient,
+    SipUdpClient,
+    answer_ports,
+    establish,
+    play_rtp,
+    siprec_gateway,
+    siprec_settings,
+)
+
+SILENCE = b"\x00\x00" * 16000  # 2 s of 8 kHz PCM16 per channel
+
+
+async def _call_json(gw: Gateway, call_id: str) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{gw.http}/v1/calls/{call_id}") as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        data: dict[str, object] = await resp.json()
+        return data
+
+
+def _words(doc: dict[str, object]) -> dict[int, str]:
+    out: dict[int, list[str]] = {}
+    for u in doc["utterances"]:  # type: ignore[attr-defined]
+        out.setdefault(u["channel"], []).append(u["text"])
+    return {ch: " ".join(t) for ch, t in sorted(out.items())}
+
+
+async def test_udp_call_200_retransmitted_until_ack_then_transcribed(tmp_path: Path) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog = client.dialog(target)
+        client.send(dialog.invite(), target)
+        await client.expect(100)
+        ok = await client.expect(200)
+        # No ACK yet: the same 200 comes again after T1 (0.5 s), then 2*T1.
+        again = await client.expect(200, within_s=1.5)
+        third = await client.expect(200, within_s=2.5)
+        assert again.to_bytes() == ok.to_bytes() == third.to_bytes()
+        body = ok.body.decode()
+        assert ok.headers.get("Content-Type") == "application/sdp"
+        assert body.count("m=audio") == 2
+        assert body.index("a=label:1") < body.index("a=label:2")
+        assert body.count("a=recvonly") == 2 and "sendrecv" not in body
+        dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+        client.send(dialog.ack(), target)
+        assert await client.quiet(1.2) == []  # acknowledged: no more retransmissions
+
+        ports = answer_ports(ok)
+        assert tuple(ports) == svc.media_ports(dialog.call_id)
+        await play_rtp([("127.0.0.1", p) for p in ports], [SILENCE, SILENCE], speed=4.0)
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+        stored = gw.stored(call.call_id)
+        assert stored["state"] == "ended"
+        assert stored["source"] == "siprec"
+        assert _words(stored) == {0: "hello there goodbye", 1: "hello there goodbye"}
+        channels = stored["channels"]
+        assert [(c["role"], c["participant"]) for c in channels] == [
+            ("customer", NAMES[0]),
+            ("agent", NAMES[1]),
+        ]
+        assert stored["metadata"]["siprec.caller.aor"] == AORS[0]
+        assert stored["metadata"]["siprec.callee.name"] == NAMES[1]
+        text = await gw.metrics()
+        assert metric(text, "callgate_streams_total", source="siprec") == 1
+        assert metric(text, "callgate_media_frames_total", source="siprec") >= 200
+        assert svc.ports.in_use == 0
+        client.close()
+
+
+async def test_cancel_before_answer(tmp_path: Path) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        gate = asyncio.Event()
+
+        async def slow_admission(incoming: IncomingCall) -> tuple[int, str] | None:
+            await gate.wait()
+            return None
+
+        svc.admission = slow_admission
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog = client.dialog(target)
+        client.send(dialog.invite(), target)
+        await client.expect(100)
+        client.send(dialog.cancel(), target)
+        got = {(await client.expect(200, 487)).status for _ in range(2)}
+        assert got == {200, 487}
+        client.send(dialog.ack(), target)  # for the 487
+        gate.set()
+        assert await client.quiet(1.0) == []  # no 200 for the cancelled INVITE
+        assert gw.registry.active_count == 0
+        assert svc.server.calls == ()
+        assert svc.ports.in_use == 0
+        assert metric(await gw.metrics(), "callgate_streams_total", source="siprec") == 0
+        client.close()
+
+
+async def test_options_and_invite_while_draining_get_503(tmp_path: Path) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog = client.dialog(target)
+        client.send(dialog.request("OPTIONS", in_dialog=False), target)
+        ok = await client.expect(200)
+        assert "INVITE" in (ok.headers.get("Allow") or "")
+        await drain(gw.app)  # no call active: returns at once, the registry stops accepting
+        client.send(dialog.request("OPTIONS", in_dialog=False, cseq=2), target)
+        await client.expect(503)
+        invite = client.dialog(target)
+        client.send(invite.invite(), target)
+        await client.expect(503)
+        client.send(invite.ack(), target)
+        text = await gw.metrics()
+        assert metric(text, "callgate_streams_rejected_total", source="siprec", reason="draining")
+        client.close()
+
+
+async def test_reinvite_to_hold_and_back(tmp_path: Path) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        updates: list[tuple[str, int | None]] = []
+
+        def listener(call: Call, output: CallOutput) -> None:
+            if isinstance(output, CallUpdated):
+                updates.append((output.change, output.channel))
+
+        gw.registry.add_listener(listener)
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        ports = [("127.0.0.1", p) for p in answer_ports(ok)]
+        await play_rtp(ports, [SILENCE[:8000], SILENCE[:8000]], speed=4.0)
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+
+        client.send(dialog.reinvite(direction="inactive"), target)
+        held = await client.expect(200)
+        client.send(dialog.ack(), target)
+        assert held.body.count(b"a=inactive") == 2
+        await poll_until(lambda: ("hold", None) in updates, 5)
+        detail = await _call_json(gw, call.call_id)
+        assert [c["on_hold"] for c in detail["channels"]] == [True, True]  # type: ignore[attr-defined]
+
+        client.send(dialog.reinvite(direction="sendonly"), target)
+        resumed = await client.expect(200)
+        client.send(dialog.ack(), target)
+        assert resumed.body.count(b"a=recvonly") == 2
+        assert answer_ports(resumed) == answer_ports(ok)
+        await poll_until(lambda: ("resume", None) in updates, 5)
+        detail = await _call_json(gw, call.call_id)
+        assert [c["on_hold"] for c in detail["channels"]] == [False, False]  # type: ignore[attr-defined]
+        await play_rtp(ports, [SILENCE[:8000], SILENCE[:8000]], speed=4.0)
+
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+        assert updates == [("hold", None), ("resume", None)]
+        assert gw.stored(call.call_id)["state"] == "ended"
+        client.close()
+
+
+async def test_invite_from_outside_the_allowlist_is_403(tmp_path: Path) -> None:
+    settings = siprec_settings(tmp_path, allowlist=["127.0.0.1/32"])
+    async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        outsider = await SipUdpClient.open("127.0.0.2")
+        dialog = outsider.dialog(target)
+        outsider.send(dialog.invite(), target)
+        await outsider.expect(403)
+        outsider.send(dialog.ack(), target)
+        assert gw.registry.active_count == 0
+        text = await gw.metrics()
+        assert (
+            metric(
+                text, "callgate_streams_rejected_total", source="siprec", reason="not_in_allowlist"
+            )
+            == 1
+        )
+        # The allowed address still gets through.
+        insider = await SipUdpClient.open("127.0.0.1")
+        dialog, _ = await establish(insider, target)
+        insider.send(dialog.bye(), target)
+        await insider.expect(200)
+        insider.close()
+        outsider.close()
+
+
+async def _tcp_exchange(port: int, data: bytes, within_s: float = 5.0) -> list[SipResponse]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    parser = SipParser(max_body_bytes=1 << 16)
+    out: list[SipResponse] = []
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(within_s):
+            while not out:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                out += [m for m in parser.feed(chunk) if isinstance(m, SipResponse)]
+    finally:
+        writer.close()
+    return out
+
+
+async def test_malformed_sip_is_answered_or_dropped_while_a_call_completes(
+    tmp_path: Path,
+) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        udp = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, udp)
+        media = asyncio.create_task(
+            play_rtp([("127.0.0.1", p) for p in answer_ports(ok)], [SILENCE, SILENCE], speed=2.0)
+        )
+
+        bad = await SipUdpClient.open()
+        other = bad.dialog(udp)
+        # A start line that is not SIP: nothing to answer to (dropped).
+        bad.send(b"HELLO WORLD\r\n\r\n", udp)
+        # No Call-ID: 400.
+        bad.send(other.request("OPTIONS", in_dialog=False, omit=["Call-ID"]), udp)
+        await bad.expect(400)
+        # Content-Length larger than the datagram's body: 400.
+        message = other.request("OPTIONS", in_dialog=False, body=b"v=0\r\n", cseq=2)
+        bad.send(message.replace(b"Content-Length: 5", b"Content-Length: 500"), udp)
+        await bad.expect(400)
+        # A 1 MiB body over TCP: 413, the body skipped, the connection still usable.
+        huge = other.request("OPTIONS", in_dialog=False, cseq=3, body=b"x" * (1 << 20))
+        huge = huge.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP")
+        replies = await _tcp_exchange(svc.sip_ports["tcp"], huge)
+        assert [r.status for r in replies] == [413]
+
+        await media
+        client.send(dialog.bye(), udp)
+        await client.expect(200)
+        await gw.idle()
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+        stored = gw.stored(call.call_id)
+        assert stored["state"] == "ended"
+        assert _words(stored) == {0: "hello there goodbye", 1: "hello there goodbye"}
+        text = await gw.metrics()
+        errors = {
+            reason: metric(text, "callgate_stream_errors_total", source="siprec", reason=reason)
+            for reason in ("bad_start_line", "missing_header", "content_length_mismatch")
+        }
+        assert all(errors.values()), errors
+        assert metric(
+            text, "callgate_stream_errors_total", source="siprec", reason="body_too_large"
+        ), text
+        client.close()
+        bad.close()
+
+
+async def test_call_over_tcp(tmp_path: Path) -> None:
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        port = svc.sip_ports["tcp"]
+        client = await SipTcpClient.open(port)
+        dialog = client.dialog(("127.0.0.1", port))
+        client.send(dialog.invite())
+        await client.expect(100)
+        ok = await client.expect(200)
+        dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+        assert "transport=tcp" in (ok.headers.get("Contact") or "")
+        client.send(dialog.ack())
+        await play_rtp([("127.0.0.1", p) for p in answer_ports(ok)], [SILENCE, SILENCE], speed=4.0)
+        client.send(dialog.bye())
+        await client.expect(200)
+        client.close()
+        await gw.idle()
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+        assert _words(gw.stored(call.call_id)) == {
+            0: "hello there goodbye",
+            1: "hello there goodbye",
+        }
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_options_over_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    proc = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+        *("-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout", str(key), "-out", str(cert)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await proc.wait() == 0
+    settings = siprec_settings(tmp_path, tls_port=0, tls_cert=str(cert), tls_key=str(key))
+    async with siprec_gateway(settings, hello_engine()) as (_gw, svc):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        port = svc.sip_ports["tls"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+        client = SipTcpClient(reader, writer)
+        dialog = client.dialog(("127.0.0.1", port))
+        dialog.transport = "TLS"
+        client.send(dialog.request("OPTIONS", in_dialog=False))
+        ok = await client.expect(200)
+        assert "siprec" in (ok.headers.get("Supported") or "")
+        client.close()
