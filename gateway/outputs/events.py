@@ -60,10 +60,14 @@ class CallEvent:
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
 
     def slim(self) -> CallEvent:
-        """The same event holding only its JSON text (``data`` emptied): for old events kept
-        for resuming subscribers, at about a quarter of the memory."""
+        """The same event holding only its JSON text (``data`` emptied but for a turn's
+        ``key``): for old events kept for resuming subscribers, at about a quarter of the
+        memory."""
         text = self.json_text
-        slim = CallEvent(self.call_id, self.seq, self.type, self.time, {})
+        key = self.data.get("key")
+        slim = CallEvent(
+            self.call_id, self.seq, self.type, self.time, {} if key is None else {"key": key}
+        )
         slim.__dict__["json_text"] = text  # the cached_property's slot: no re-encoding
         return slim
 
@@ -203,10 +207,8 @@ class EventLog:
         self._next += 1
         self._events.append(event)
         i = len(self._events) - 1 - self._keep_full
-        if i >= 0:
-            old = self._events[i]
-            if old.data and old.type != "turn.partial":  # partials: compaction drops them
-                self._events[i] = old.slim()
+        if i >= 0:  # the event leaving the window (each does so once, at this append)
+            self._events[i] = self._events[i].slim()
         if type_ == "call.ended":
             self.closed = True
         return event
@@ -242,11 +244,7 @@ class EventLog:
         """
         cut = max(0, len(self._events) - keep_last)
         old = self._events[:cut]
-        kept = [
-            e
-            for e in old
-            if not (e.type == "turn.partial" and e.data and e.data["key"] in self._finals)
-        ]
+        kept = [e for e in old if not (e.type == "turn.partial" and e.data["key"] in self._finals)]
         dropped = len(old) - len(kept)
         if dropped:
             self._events = kept + self._events[cut:]

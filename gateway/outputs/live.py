@@ -57,7 +57,9 @@ Persist = Callable[[CallEvent, "dict[str, Any] | None"], Awaitable[None]]
 """``persist(event, extra)``: commit the event (and, for call.ended, ``extra`` = the document)."""
 
 _COMPACT_AT = 600  # events in a log before superseded partials are first compacted
-_KEEP_RECENT = 300  # the newest events are never compacted (clients resuming soon after a drop)
+# The newest events are kept whole and never compacted (clients resuming soon after a drop);
+# older ones keep only their JSON text (CallEvent.slim).
+_KEEP_RECENT = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,8 +273,7 @@ class LiveHub:
             # Older items are only ever resent as text: keep just that (a deque is cheap to
             # index near its ends).
             old = firehose[-_KEEP_RECENT - 1]
-            if old.event.data:
-                firehose[-_KEEP_RECENT - 1] = FirehoseEvent(old.gseq, old.event.slim())
+            firehose[-_KEEP_RECENT - 1] = FirehoseEvent(old.gseq, old.event.slim())
         for sub in list(self._all):
             sub.push(item)
             if sub.closed_reason is not None:
