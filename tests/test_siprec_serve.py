@@ -10,6 +10,7 @@ draining, a re-INVITE to hold and back, an INVITE from outside the allowlist, ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import ssl
 from pathlib import Path
@@ -20,7 +21,13 @@ import pytest
 from gateway.app import drain
 from gateway.calls.call import Call, CallOutput, CallUpdated
 from gateway.ingress.siprec.dialog import IncomingCall
-from gateway.ingress.siprec.message import SipParser, SipResponse, parse_name_addr
+from gateway.ingress.siprec.message import (
+    SipParser,
+    SipRequest,
+    SipResponse,
+    build_response,
+    parse_name_addr,
+)
 from tests.gateway_server import Gateway, hello_engine, metric, poll_until
 from tests.siprec_peer import (
     AORS,
@@ -332,4 +339,41 @@ async def test_options_over_tls(tmp_path: Path) -> None:
         client.send(dialog.request("OPTIONS", in_dialog=False))
         ok = await client.expect(200)
         assert "siprec" in (ok.headers.get("Supported") or "")
+        client.close()
+
+
+async def test_a_call_ended_by_the_gateway_sends_bye_until_answered(tmp_path: Path) -> None:
+    # The gateway ends the call itself (maximum duration): the recording client gets a BYE in
+    # the dialog, retransmitted over UDP until it answers, and the RTP ports are released.
+    base = siprec_settings(tmp_path)
+    settings = base.model_copy(update={"calls": base.calls.model_copy(update={"max_call_s": 1.0})})
+    async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        ports = answer_ports(ok)
+        sender = asyncio.create_task(
+            play_rtp([("127.0.0.1", p) for p in ports], [SILENCE, SILENCE], speed=1.0)
+        )
+        bye = await client.receive(within_s=5.0)
+        assert isinstance(bye, SipRequest) and bye.method == "BYE"
+        assert bye.call_id == dialog.call_id
+        assert parse_name_addr(bye.headers.get("From") or "").tag == dialog.to_tag
+        assert parse_name_addr(bye.headers.get("To") or "").tag == dialog.from_tag
+        assert bye.uri.startswith("sip:src@127.0.0.1:")  # our Contact
+        assert bye.cseq == (1, "BYE")
+        again = await client.receive(within_s=1.5)  # unanswered: resent after T1
+        assert isinstance(again, SipRequest) and again.to_bytes() == bye.to_bytes()
+        client.send(build_response(bye, 200, "OK").to_bytes(), target)
+        assert await client.quiet(1.5) == []  # answered: no more retransmissions
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        await gw.idle()
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None and call.end_reason == "max_duration"
+        assert svc.ports.in_use == 0
+        # The dialog is gone: the client's own late BYE gets 481.
+        client.send(dialog.bye(), target)
+        await client.expect(481)
         client.close()

@@ -20,7 +20,9 @@ and driven by :meth:`on_timer`: the 2xx to an INVITE is retransmitted over unrel
 transports at T1, 2*T1, ... capped at T2 until the ACK arrives or 64*T1 passes (RFC 3261
 13.3.1.4), after which the call ends with reason ``ack_timeout``; final non-2xx answers to
 INVITE are retransmitted the same way until their ACK (Timer G/H). Retransmitted requests get
-the cached response again.
+the cached response again. When the gateway ends a call itself (maximum duration, shutdown),
+:meth:`SiprecServer.hang_up` sends BYE (a non-INVITE client transaction: retransmitted over UDP
+at T1, 2*T1, ... capped at T2 until any response or 64*T1, RFC 3261 17.1.2).
 
 Rules (h11 style):
 
@@ -51,6 +53,7 @@ from gateway.ingress.events import (
 )
 from gateway.ingress.siprec.auth import Allowlist, AuthResult, DigestAuth
 from gateway.ingress.siprec.message import (
+    Headers,
     ParseError,
     SipMessage,
     SipRequest,
@@ -253,6 +256,7 @@ class _Dialog:
     sdp_version: int = 1
     session_id: int = 1
     held: bool = False
+    local_cseq: int = 0  # CSeq of requests we send in this dialog (BYE)
     local_uuid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -266,6 +270,18 @@ class _Retransmit:
     give_up_at: float
     call_id: str
     success: bool  # a 2xx: the dialog ends when it is never acknowledged
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A request we sent (BYE), retransmitted over UDP until a response or give-up."""
+
+    request: SipRequest
+    destination: Address
+    transport: str
+    next_at: float
+    interval: float
+    give_up_at: float
 
 
 @dataclass(slots=True)
@@ -291,6 +307,7 @@ class SiprecServer:
         self._dialogs: dict[str, _Dialog] = {}
         self._retransmits: dict[tuple[str, int], _Retransmit] = {}
         self._cache: dict[tuple[str, str, int, str], _Cached] = {}
+        self._outgoing: dict[str, _Outgoing] = {}  # by Via branch
         self._draining = False
 
     # -- public API ------------------------------------------------------------------------
@@ -316,7 +333,11 @@ class SiprecServer:
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_timer` must next run (None: no timer pending)."""
-        return min((r.next_at for r in self._retransmits.values()), default=None)
+        return min(
+            [r.next_at for r in self._retransmits.values()]
+            + [o.next_at for o in self._outgoing.values()],
+            default=None,
+        )
 
     def on_timer(self, now: float) -> list[Output]:
         """Retransmit due responses and give up on unacknowledged ones."""
@@ -334,8 +355,70 @@ class SiprecServer:
             out.append(Send(r.response, r.destination, r.transport))
             r.interval = min(r.interval * 2, self.config.t2)
             r.next_at = min(now + r.interval, r.give_up_at)
+        for branch, o in list(self._outgoing.items()):
+            if o.next_at > now:
+                continue
+            if now >= o.give_up_at:
+                del self._outgoing[branch]  # no answer to our BYE: the dialog is gone anyway
+                continue
+            out.append(Send(o.request, o.destination, o.transport))
+            o.interval = min(o.interval * 2, self.config.t2)
+            o.next_at = min(now + o.interval, o.give_up_at)
         self._cache = {k: c for k, c in self._cache.items() if c.expires > now}
         return out
+
+    def hang_up(self, call_id: str, reason: str, now: float) -> list[Output]:
+        """End a call from our side: BYE to the recording client, then the call is released.
+
+        Only a confirmed dialog can be hung up with BYE; one still being set up is released
+        without a request (its INVITE gets no further retransmissions). Unknown ids: nothing.
+        """
+        dialog = self._dialogs.get(call_id)
+        if dialog is None:
+            return []
+        out: list[Output] = []
+        if dialog.state is not DialogState.PROCEEDING:
+            bye = self._bye(dialog)
+            out.append(Send(bye, dialog.source, dialog.transport))
+            if dialog.transport not in RELIABLE:
+                t1 = self.config.t1
+                branch = via_branch(bye.headers.get("Via") or "") or ""
+                self._outgoing[branch] = _Outgoing(
+                    bye, dialog.source, dialog.transport, now + t1, t1, now + 64 * t1
+                )
+        self._dialogs.pop(dialog.call_id, None)
+        for key in [k for k in self._retransmits if k[0] == dialog.call_id]:
+            del self._retransmits[key]
+        self.ports.release(dialog.call_id)
+        return [*out, CallReleased(dialog.call_id, reason)]
+
+    def _bye(self, dialog: _Dialog) -> SipRequest:
+        """BYE within ``dialog`` (RFC 3261 12.2.1.1): to the client's Contact, through its
+        Record-Route set, From/To swapped from the INVITE."""
+        invite = dialog.invite
+        contact = invite.headers.get("Contact")
+        target = (
+            parse_name_addr(contact).uri
+            if contact
+            else parse_name_addr(invite.headers.get("From") or "").uri
+        )
+        dialog.local_cseq += 1
+        to = invite.headers.get("To") or ""
+        headers: list[tuple[str, str]] = [
+            (
+                "Via",
+                f"SIP/2.0/{dialog.transport.upper()} {self.config.host}:{self.config.port}"
+                f";branch=z9hG4bK{uuid.uuid4().hex}",
+            ),
+            ("Max-Forwards", "70"),
+            ("From", f"{to};tag={dialog.local_tag}"),
+            ("To", invite.headers.get("From") or ""),
+            ("Call-ID", dialog.call_id),
+            ("CSeq", f"{dialog.local_cseq} BYE"),
+        ]
+        headers += [("Route", route) for route in invite.headers.get_all("Record-Route")]
+        headers.append(("User-Agent", self.config.user_agent))
+        return SipRequest("BYE", target, Headers.of(headers))
 
     def receive(
         self, message: SipMessage | ParseError, source: Address, transport: str, now: float
@@ -349,7 +432,9 @@ class SiprecServer:
                 out.insert(0, Send(response, source, transport))
             return out
         if isinstance(message, SipResponse):
-            return []  # we send no requests that expect answers we act on
+            # The answer to a BYE we sent (any final or provisional stops retransmissions).
+            self._outgoing.pop(via_branch(message.headers.get("Via") or "") or "", None)
+            return []
         request = message
         if request.method == "ACK":
             return self._ack(request)

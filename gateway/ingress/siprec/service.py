@@ -153,6 +153,9 @@ class _Link:
 
     async def close(self, code: int, reason: str) -> None:
         self.call.stop(reason)
+        # Ended on our side (max duration, drain): tell the recording client with a BYE, so it
+        # stops sending RTP (nothing happens when its own BYE ended the call).
+        self.call.service.hang_up(self.call.sip_call_id, reason)
 
 
 @dataclass(slots=True)
@@ -513,6 +516,11 @@ class SiprecService:
                 transport=transport,
             )
         self._apply(server.receive(message, source, transport, self.loop.time()))
+
+    def hang_up(self, sip_call_id: str, reason: str) -> None:
+        """End the recording dialog from our side (BYE); the call's media is released."""
+        if self._server is not None:
+            self._apply(self._server.hang_up(sip_call_id, reason, self.loop.time()))
 
     def _apply(self, outputs: list[Output]) -> None:
         for out in outputs:
