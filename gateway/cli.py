@@ -450,6 +450,17 @@ async def _run_server(
         conf = getattr(settings, name)
         if conf.enabled:
             lines.append(f"  {name + ' stream:':19} ws://{shown}:{bound}{conf.path}")
+    for name in ("audiohook", "stereo_ws"):
+        conf = getattr(settings, name)
+        if conf.enabled:
+            label = f"{name.replace('_', ' ')}:"
+            lines.append(f"  {label:19} ws://{shown}:{bound}{conf.path}")
+    if settings.siprec.enabled:
+        from gateway.ingress.siprec.service import SIPREC
+
+        ports = app[SIPREC].sip_ports  # as bound (port 0 in config = any free port)
+        listening = ", ".join(f"{t} {p}" for t, p in sorted(ports.items()))
+        lines.append(f"  {'siprec (SIP):':19} {settings.siprec.host} {listening}")
     if settings.twilio.enabled and settings.twilio.voice_path:
         lines.append(f"  {'twilio voice hook:':19} {base}{settings.twilio.voice_path}")
     lines += [

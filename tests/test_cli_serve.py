@@ -64,7 +64,10 @@ def test_demo_and_two_simulated_calls_survive_sigterm(tmp_path: Path) -> None:
         match = re.match(r"callgate \S+ serving on 127\.0\.0\.1:(\d+)", banner)
         assert match, banner
         port = int(match.group(1))
-        urls = [server.stdout.readline() for _ in range(7)]
+        urls: list[str] = []
+        while not urls or "health:" not in urls[-1]:  # the URL lines end with health
+            urls.append(server.stdout.readline())
+            assert urls[-1], urls
         assert any(f"ws://127.0.0.1:{port}/twilio/stream" in u for u in urls), urls
         assert any(f"http://127.0.0.1:{port}/metrics" in u for u in urls), urls
         simulate = subprocess.Popen(

@@ -178,7 +178,7 @@ class LocalSession:
         self._engine = engine
         self._input: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=s.input_queue_chunks)
         self._output: asyncio.Queue[SttEvent | None] = asyncio.Queue()
-        self._resampler = Resampler(params.sample_rate, RATE)
+        self._resampler: Resampler | None = Resampler(params.sample_rate, RATE)
         self._vad = engine.vad_stream()
         self._segmenter = TurnSegmenter(
             sample_rate=RATE,
@@ -296,6 +296,9 @@ class LocalSession:
                     await self._partial_task
             self._output.put_nowait(None)
             self._engine.sessions.discard(self)
+            # Native soxr state: free it now rather than whenever the session object goes
+            # (finished calls stay referenced for a while; at exit nanobind reports it as leaked).
+            self._resampler = None
 
     async def _process(self, payload: bytes, *, final: bool) -> None:
         pcm = codecs.decode(self.params.codec, payload) if payload else b""
@@ -314,9 +317,12 @@ class LocalSession:
     def _resample_and_vad(
         self, x: npt.NDArray[np.float32], final: bool
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        y = self._resampler.process(x) if x.size else np.zeros(0, np.float32)
+        resampler = self._resampler
+        if resampler is None:  # the session ended while this job was queued
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        y = resampler.process(x) if x.size else np.zeros(0, np.float32)
         if final:
-            tail = self._resampler.flush()
+            tail = resampler.flush()
             y = np.concatenate([y, tail]) if tail.size else y
         return y.astype(np.float32, copy=False), self._vad.feed(y)
 
