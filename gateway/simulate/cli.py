@@ -273,11 +273,11 @@ def run(args: argparse.Namespace) -> int:
     for a bad argument or an unusable WAV file.
     """
     if args.platform == "audiohook":
-        from gateway.simulate.cli_more import run_audiohook
+        from gateway.simulate.stereo_commands import run_audiohook
 
         return run_audiohook(args)
     if args.platform == "stereo-ws":
-        from gateway.simulate.cli_more import run_stereo_ws
+        from gateway.simulate.stereo_commands import run_stereo_ws
 
         return run_stereo_ws(args)
     return _run_twilio(args)

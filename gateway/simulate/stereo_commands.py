@@ -1,4 +1,4 @@
-"""``gateway simulate audiohook`` and ``gateway simulate stereo-ws``: the command bodies.
+"""``gateway simulate audiohook`` and ``simulate stereo-ws``: the command bodies (stereo ingresses).
 
 Arguments are registered in :mod:`gateway.simulate.cli`. User errors raise
 :class:`gateway.cli.UsageError`; the exit status is 0 when every call completed, 1 otherwise.
