@@ -89,7 +89,9 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     app[api.AUTH] = ApiAuth(settings.api)
     app[api.KEEPALIVE_S] = settings.live.keepalive_s
     app[api.HUB] = LiveHub(
-        queue_limit=settings.live.queue_limit, firehose_buffer=settings.live.firehose_buffer
+        queue_limit=settings.live.queue_limit,
+        firehose_buffer=settings.live.firehose_buffer,
+        events_in_memory=settings.live.events_in_memory,
     )
     app[TRANSCRIPTS] = TranscriptFiles(Path(settings.server.data_dir) / "transcripts")
     app[api.STORE] = SqliteStore(

@@ -254,6 +254,9 @@ class LiveSettings(_Section):
     keepalive_s: float = Field(15.0, gt=0, le=3600)
     # Recent events of all calls kept for the firehose's resume.
     firehose_buffer: int = Field(10000, ge=100, le=10000000)
+    # Events of one call kept in memory; a resume from further back is served from the store
+    # (which holds every event but partials), so a long call's memory stays flat.
+    events_in_memory: int = Field(1000, ge=10, le=10000000)
 
 
 class WebhookSettings(_Section):

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.api.routes import HUB, STORE
 from gateway.stt.scripted import ScriptedEngine, parse_script
 from tests.gateway_server import (
     Gateway,
@@ -220,3 +221,44 @@ async def test_firehose_carries_every_call_with_resume(tmp_path: Path) -> None:
                     block, buffer = buffer.split("\n\n", 1)
                     rest += [i for i, _, _ in _parse_sse(block + "\n\n") if i is not None]
         assert rest == ids[len(ids) // 2 + 1 :]
+
+
+async def test_a_resume_from_before_the_events_in_memory_is_served_from_the_store(
+    tmp_path: Path,
+) -> None:
+    # Only the newest 10 events of a call stay in memory; a subscriber joining mid-call from
+    # the start gets the older ones (all but partials) from the store, then the rest, once.
+    settings = settings_for(tmp_path, live={"events_in_memory": 10})
+    async with running_gateway(settings, talkative_engine()) as gw:
+        sender = await _start_call(gw, "CALIVE3")
+        call = gw.registry.get("CALIVE3")
+        assert call is not None
+        hub = gw.app[HUB]
+        await poll_until(
+            lambda: (log := hub.log_of(call.call_id)) is not None and log.first_seq > 5
+        )
+        url = f"{gw.http}/v1/calls/{call.call_id}/events"
+        sse, ended = await _sse_session(url, None, None)
+        assert ended
+        ws, ended = await _ws_session(url.replace("http://", "ws://")[:-7] + "/live", 0, None)
+        assert ended
+        assert (await sender).code == 1000
+        await gw.idle()
+        doc = await gw.transcript("CALIVE3")
+        stored = await gw.app[STORE].events(call.call_id, 0)
+
+    for events in (sse, ws):
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(set(seqs)) and seqs[0] == 1
+        assert events[0]["type"] == "call.started" and events[-1]["type"] == "call.ended"
+        finals = [e["data"] for e in events if e["type"] == "turn.final"]
+        assert len(finals) == len({f["key"] for f in finals}) == 8
+        released = [e["data"] for e in events if e["type"] == "transcript.utterance"]
+        assert [(u["channel"], u["start"], u["text"]) for u in released] == [
+            (u["channel"], u["start"], u["text"]) for u in doc["utterances"]
+        ]
+        # Every event but partials is in the store; each of them reached the subscriber.
+        assert [e["seq"] for e in events if e["type"] != "turn.partial"] == [e.seq for e in stored]
+    assert [e for e in sse if e["type"] != "turn.partial"] == [
+        e for e in ws if e["type"] != "turn.partial"
+    ]

@@ -36,7 +36,7 @@ from gateway.api.auth import CORS_ORIGIN, Access, ApiAuth
 from gateway.calls.call import Call
 from gateway.calls.registry import CallRegistry
 from gateway.outputs.events import CallEvent, call_summary
-from gateway.outputs.live import FirehoseEvent, LiveHub, Subscription
+from gateway.outputs.live import FirehoseEvent, LiveHub, Subscribed, Subscription
 from gateway.outputs.transcript_files import call_document
 from gateway.transcript.model import Transcript
 from gateway.transcript.render import FORMATS, render, to_json
@@ -289,6 +289,18 @@ async def _stored_backlog(request: web.Request, call_id: str, after: int) -> lis
     return await store.events(call_id, after)
 
 
+async def _with_stored(
+    request: web.Request, call_id: str, after: int, subscribed: Subscribed
+) -> list[CallEvent]:
+    """The backlog of a subscription, with the events no longer in memory read from the store
+    first (the subscription is already live, so nothing falls between the two)."""
+    if subscribed.store_before is None:
+        return subscribed.backlog
+    first = subscribed.store_before
+    stored = [e for e in await _stored_backlog(request, call_id, after) if e.seq < first]
+    return stored + subscribed.backlog
+
+
 async def _open_sse(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(
         headers={
@@ -381,7 +393,8 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
         for event in stored:
             await resp.write(_sse_event(event.seq, event))
         return resp
-    backlog, sub = subscribed
+    sub = subscribed.sub
+    backlog = await _with_stored(request, call_id, after, subscribed)
     if not backlog and sub.closed_reason == "call_ended":
         return web.Response(status=204)
     resp = await _open_sse(request)
@@ -420,7 +433,7 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
             await ws.send_str(event.json_text)
         await ws.close(code=1000, message=b"call_ended")
         return ws
-    backlog, sub = subscribed
+    sub = subscribed.sub
 
     async def reader() -> None:
         # Drain client frames so pings/closes are processed; a close ends the feed.
@@ -431,7 +444,7 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
 
     read_task = asyncio.create_task(reader(), name=f"live-ws-reader-{call_id}")
     try:
-        for event in backlog:
+        for event in await _with_stored(request, call_id, after, subscribed):
             await ws.send_str(event.json_text)
 
         async def send(event: CallEvent) -> None:

@@ -236,6 +236,14 @@ class EventLog:
                 hi = mid
         return iter(events[lo:])
 
+    def forget_oldest(self, keep: int) -> int:
+        """Drop all but the newest ``keep`` events from memory (they are in the store);
+        :attr:`first_seq` moves up. Returns how many were dropped."""
+        drop = max(0, len(self._events) - keep)
+        if drop:
+            del self._events[:drop]
+        return drop
+
     def compact(self, *, keep_last: int) -> int:
         """Drop partials of turns already final, except among the newest ``keep_last`` events.
 

@@ -63,6 +63,16 @@ _KEEP_RECENT = 200
 
 
 @dataclass(frozen=True, slots=True)
+class Subscribed:
+    """What :meth:`LiveHub.subscribe` hands a feed: the backlog in memory, the subscription,
+    and where the store must fill in first (``store_before``: None when nothing is missing)."""
+
+    backlog: list[CallEvent]
+    sub: Subscription
+    store_before: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class FirehoseEvent:
     gseq: int
     event: CallEvent
@@ -163,6 +173,11 @@ class CallPublisher:
                             error=repr(exc),
                         )
                 self.hub.publish(self, event)
+                limit = self.hub.events_in_memory
+                if persist is not None and len(self.log) > limit + limit // 2:
+                    # Amortized; every event but partials is committed by now, so resumes from
+                    # before the log's first event are served from the store.
+                    self.log.forget_oldest(limit)
                 if len(self.log) > self._compact_at:
                     self.log.compact(keep_last=_KEEP_RECENT)
                     # Amortized: finals and utterances stay, so compact again only once the log
@@ -217,10 +232,12 @@ class LiveHub:
         *,
         queue_limit: int = 1000,
         firehose_buffer: int = 10000,
+        events_in_memory: int = 1000,
         keep_finished: int = 200,
         persist: Persist | None = None,
     ) -> None:
         self.queue_limit = queue_limit
+        self.events_in_memory = events_in_memory
         self.persist = persist
         self.persist_failures = 0
         self.published = 0
@@ -290,22 +307,26 @@ class LiveHub:
     def subscriber_count(self) -> int:
         return len(self._all) + sum(len(p.subscribers) for p in self._publishers.values())
 
-    def subscribe(self, call_id: str, after: int) -> tuple[list[CallEvent], Subscription] | None:
+    def subscribe(self, call_id: str, after: int) -> Subscribed | None:
         """The events after ``after`` so far, and a subscription for the rest.
 
         None if the call's log is not in memory (finished long ago: read the store). For a call
-        already ended the subscription is closed at once (``call_ended``).
+        already ended the subscription is closed at once (``call_ended``). When ``after`` is
+        older than the first event in memory, ``store_before`` says the events in between
+        (``after`` < seq < ``store_before``) must be read from the store, before the backlog.
         """
         publisher = self._publishers.get(call_id) or self._finished.get(call_id)
         if publisher is None:
             return None
-        backlog = list(publisher.log.after(after))
+        log = publisher.log
+        backlog = list(log.after(after))
+        first = log.first_seq
         sub = Subscription(self.queue_limit)
-        if publisher.log.closed:
+        if log.closed:
             sub.close("call_ended")
         else:
             publisher.subscribers.add(sub)
-        return backlog, sub
+        return Subscribed(backlog, sub, first if after < first - 1 else None)
 
     def unsubscribe(self, call_id: str, sub: Subscription) -> None:
         publisher = self._publishers.get(call_id) or self._finished.get(call_id)
