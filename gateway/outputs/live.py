@@ -60,6 +60,7 @@ _COMPACT_AT = 600  # events in a log before superseded partials are first compac
 # The newest events are kept whole and never compacted (clients resuming soon after a drop);
 # older ones keep only their JSON text (CallEvent.slim).
 _KEEP_RECENT = 200
+_TRIM_SLACK = 100  # at most this many events beyond live.events_in_memory, then trimmed at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,7 @@ class CallPublisher:
                         )
                 self.hub.publish(self, event)
                 limit = self.hub.events_in_memory
-                if persist is not None and len(self.log) > limit + limit // 2:
+                if persist is not None and len(self.log) > limit + min(_TRIM_SLACK, limit // 4):
                     # Amortized; every event but partials is committed by now, so resumes from
                     # before the log's first event are served from the store.
                     self.log.forget_oldest(limit)
@@ -232,7 +233,7 @@ class LiveHub:
         *,
         queue_limit: int = 1000,
         firehose_buffer: int = 10000,
-        events_in_memory: int = 1000,
+        events_in_memory: int = 500,
         keep_finished: int = 200,
         persist: Persist | None = None,
     ) -> None:
