@@ -37,8 +37,8 @@ from gateway.ingress.ws_shell import (
     call_options,
     close_code,
     close_text,
+    feed_call,
 )
-from gateway.media.clock import TimestampJump
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.stt.engines import EngineSet
@@ -237,16 +237,8 @@ class _Stream:
         await self._call_handle(event)
 
     async def _call_handle(self, event: IngressEvent) -> None:
-        if self.live is None:
-            return
-        try:
-            await self.live.call.handle(event)
-        except TimestampJump as exc:
-            raise StreamError("bad_timestamp", str(exc)) from None
-        except CallError as exc:
-            if self.link.closed_by_call is not None:
-                return
-            raise StreamError("call_error", str(exc)) from None
+        if self.live is not None:
+            await feed_call(self.live.call, event, self.link)
 
     async def _start(self, started: CallStarted) -> None:
         h = self.h

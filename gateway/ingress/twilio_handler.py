@@ -36,6 +36,7 @@ from gateway.ingress.ws_shell import (
     call_options,
     close_code,
     close_text,
+    feed_call,
 )
 from gateway.media.clock import TimestampJump
 from gateway.observability.logging import get_logger
@@ -265,25 +266,11 @@ class _Stream:
             live.first_media_at = now
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
             event = placement.place(event, lambda: live.continuation_base(now))
-        try:
-            await live.call.handle(event)
-        except (TimestampJump, CallError) as exc:
-            self._call_refused(exc)
+        await feed_call(live.call, event, self.link)
 
     async def _call_handle(self, event: IngressEvent) -> None:
         assert self.live is not None
-        try:
-            await self.live.call.handle(event)
-        except (TimestampJump, CallError) as exc:
-            self._call_refused(exc)
-
-    def _call_refused(self, exc: TimestampJump | CallError) -> None:
-        """Raise the StreamError for an event the call refused (nothing if the call ended
-        under us: shutdown, max duration)."""
-        if isinstance(exc, TimestampJump):
-            raise StreamError("bad_timestamp", str(exc)) from None
-        if self.link.closed_by_call is None:
-            raise StreamError("call_error", str(exc)) from None
+        await feed_call(self.live.call, event, self.link)
 
     async def _start(self, started: CallStarted) -> None:
         h = self.h

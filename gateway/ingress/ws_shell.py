@@ -9,11 +9,14 @@ close code plus ``reason: detail`` text, ``stream_errors{source, reason}`` and o
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 from aiohttp import WSCloseCode, web
 
-from gateway.calls.call import CallOptions
+from gateway.calls.call import Call, CallError, CallOptions
 from gateway.config import Settings
+from gateway.ingress.events import IngressEvent
+from gateway.media.clock import TimestampJump
 from gateway.observability.metrics import Metrics
 
 # Close codes for stream errors: 1009 for size, 1003 for data we cannot take, 1008 otherwise.
@@ -53,6 +56,22 @@ class SocketLink:
     async def close(self, code: int, reason: str) -> None:
         self.closed_by_call = reason
         await self.ws.close(code=code, message=close_text(reason, ""))
+
+
+class _ClosedByCall(Protocol):
+    closed_by_call: str | None  # set when the call itself closed the stream (shutdown, limit)
+
+
+async def feed_call(call: Call, event: IngressEvent, link: _ClosedByCall) -> None:
+    """``call.handle(event)``, with the call's refusals raised as :class:`StreamError`
+    (``bad_timestamp``, ``call_error``); none once the call itself closed the stream."""
+    try:
+        await call.handle(event)
+    except TimestampJump as exc:
+        raise StreamError("bad_timestamp", str(exc)) from None
+    except CallError as exc:
+        if link.closed_by_call is None:
+            raise StreamError("call_error", str(exc)) from None
 
 
 def call_options(settings: Settings) -> CallOptions:

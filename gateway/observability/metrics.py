@@ -13,7 +13,7 @@ the live calls at scrape time, plus the totals of calls that have finished.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -245,53 +245,57 @@ class GatewayCollector:
         for source in sorted({*s.sources, *s.calls_active}):
             active.add_metric([source], s.calls_active.get(source, 0))
         yield active
-        received = CounterMetricFamily(
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        yield _family(
+            counter,
             "callgate_audio_received_seconds",
             "Audio received from sources, per channel role (gap fill excluded)",
-            labels=["source", "role"],
+            ("source", "role"),
+            s.media.received_s.items(),
         )
-        for (source, role), value in sorted(s.media.received_s.items()):
-            received.add_metric([source, role], value)
-        yield received
-        filled = CounterMetricFamily(
+        yield _family(
+            counter,
             "callgate_audio_gap_filled_seconds",
             "Silence inserted on the call clock where a source sent no audio (gaps)",
-            labels=["source", "role"],
+            ("source", "role"),
+            s.media.filled_s.items(),
         )
-        for (source, role), value in sorted(s.media.filled_s.items()):
-            filled.add_metric([source, role], value)
-        yield filled
-        dropped = CounterMetricFamily(
+        yield _family(
+            counter,
             "callgate_media_frames_dropped",
             "Frames dropped on the call clock: late (their place was already sent on) or "
             "duplicate (a copy of audio still pending)",
-            labels=["source", "reason"],
+            ("source", "reason"),
+            s.media.dropped.items(),
         )
-        for (source, reason), n in sorted(s.media.dropped.items()):
-            dropped.add_metric([source, reason], n)
-        yield dropped
-        yield _gauge_by(
-            "callgate_stt_sessions_active", "STT sessions open", "engine", s.sessions_active
+        yield _family(
+            gauge,
+            "callgate_stt_sessions_active",
+            "STT sessions open",
+            ("engine",),
+            [((k,), v) for k, v in s.sessions_active.items()],
         )
-        yield _counter_by(
-            "callgate_stt_session_starts", "STT sessions opened", "engine", s.session_starts
+        yield _family(
+            counter,
+            "callgate_stt_session_starts",
+            "STT sessions opened",
+            ("engine",),
+            [((k,), v) for k, v in s.session_starts.items()],
         )
-        reconnects = CounterMetricFamily(
+        yield _family(
+            counter,
             "callgate_stt_reconnects",
             "STT reconnects by reason (close code, connect_failed, rollover, ...)",
-            labels=["engine", "reason"],
+            ("engine", "reason"),
+            s.reconnects.items(),
         )
-        for (engine, reason), n in sorted(s.reconnects.items()):
-            reconnects.add_metric([engine, reason], n)
-        yield reconnects
-        failures = CounterMetricFamily(
+        yield _family(
+            counter,
             "callgate_stt_failures",
             "STT sessions that failed for good, by reason",
-            labels=["engine", "reason"],
+            ("engine", "reason"),
+            s.failures.items(),
         )
-        for (engine, reason), n in sorted(s.failures.items()):
-            failures.add_metric([engine, reason], n)
-        yield failures
         yield GaugeMetricFamily(
             "callgate_stt_queued_audio_seconds",
             "Audio waiting to be taken by the STT engine, on the worst channel",
@@ -314,15 +318,15 @@ class GatewayCollector:
         )
 
 
-def _gauge_by(name: str, doc: str, label: str, values: Mapping[str, int]) -> Metric:
-    family = GaugeMetricFamily(name, doc, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
-    return family
-
-
-def _counter_by(name: str, doc: str, label: str, values: Mapping[str, int]) -> Metric:
-    family = CounterMetricFamily(name, doc, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
+def _family(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily],
+    name: str,
+    doc: str,
+    labels: tuple[str, ...],
+    samples: Iterable[tuple[Sequence[str], float]],
+) -> Metric:
+    """One labelled family with a sample per ``(label values, value)``, sorted."""
+    family = kind(name, doc, labels=list(labels))
+    for key, value in sorted(samples):
+        family.add_metric(list(key), value)
     return family
