@@ -510,3 +510,50 @@ async def test_concurrent_writers_and_readers(store: SqliteStore) -> None:
     assert len(page) == 10
     for i in range(10):
         assert await store.last_seq(f"c{i}") == 21
+
+
+async def test_group_commit_rolls_back_only_the_failing_write(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes queued behind a busy writer share one transaction, each in its own savepoint:
+    the one that fails (after enqueuing a delivery) takes nothing of the others with it."""
+    batches: list[int] = []
+    run_batch = store._run_batch
+
+    def counted(jobs: list[Any]) -> list[tuple[bool, Any]]:
+        batches.append(len(jobs))
+        return run_batch(jobs)
+
+    monkeypatch.setattr(store, "_run_batch", counted)
+    a, b, c = Seq("a"), Seq("b"), Seq("c")
+    bad = NewDelivery("http://x", "call.ended", "b", None, 1.0)  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        store.save_call(summary("z")),  # occupies the writer; the rest queue behind it
+        store.add_event_and_enqueue(a("call.ended", summary("a", "ended")), [_new("a")]),
+        store.add_event_and_enqueue(b("call.ended", summary("b", "ended")), [_new("b"), bad]),
+        store.add_event(c("turn.final", turn(0, 0, 0, 90, "hello"))),
+        return_exceptions=True,
+    )
+    assert batches[:2] == [1, 3]
+    assert results[0] is None and len(results[1]) == 1 and results[3] is True  # type: ignore[arg-type]
+    assert isinstance(results[2], TypeError)
+    assert [e.type for e in await store.events("a")] == ["call.ended"]
+    assert await store.events("b") == []
+    assert await store.get_call("b") is None
+    assert [e.type for e in await store.events("c")] == ["turn.final"]
+    assert await store.outbox_depth() == 1 and store.pending_deliveries == 1
+
+
+async def test_close_commits_writes_still_queued(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    ev = Seq("c1")
+    writes = [
+        asyncio.ensure_future(store.add_event(ev("turn.final", turn(0, k, k, k + 1, "w"))))
+        for k in range(50)
+    ]
+    await asyncio.sleep(0)  # every write is queued; most wait behind the first batch
+    await store.close()
+    assert all(w.done() and w.result() is True for w in writes)
+    assert await rows(path, "SELECT COUNT(*) FROM events") == [(50,)]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import json
 import sqlite3
 import time
@@ -44,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from gateway.outputs.events import CallEvent
 from gateway.transcript.model import ChannelInfo, Transcript, TurnKey, Utterance, Word
@@ -292,6 +293,13 @@ class CallStore(Outbox, Protocol):
 # SQLite
 
 
+@dataclass(slots=True)
+class _QueuedWrite:
+    job: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    queued_at: float
+
+
 class _Worker:
     """One thread owning one connection; jobs run in submission order."""
 
@@ -308,6 +316,13 @@ class _Worker:
         except RuntimeError:  # the executor was shut down
             raise StoreError("store is closed") from None
         return await future
+
+    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Queue ``fn`` without awaiting it (the caller attaches a done callback)."""
+        try:
+            return self._executor.submit(fn)
+        except RuntimeError:  # the executor was shut down
+            raise StoreError("store is closed") from None
 
     def _run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         if self.conn is None:
@@ -489,6 +504,12 @@ class SqliteStore:
         self._closed = False
         self._pending = 0  # pending deliveries; written only by the writer thread
         self._delta = 0  # change to _pending within the writer's open transaction
+        # Group commit: writes queued while a batch is in the writer thread go together in the
+        # next batch (one transaction, one thread hop), each in its own savepoint.
+        self._queued: list[_QueuedWrite] = []
+        self._flushing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def pending_deliveries(self) -> int:
@@ -568,6 +589,7 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
+        await self._idle.wait()  # writes already queued commit first
         for worker in (self._writer, self._reader):
             await worker.call(partial(self._close_worker, worker))
             worker.shutdown()
@@ -593,11 +615,96 @@ class SqliteStore:
         return result
 
     async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        started = time.perf_counter()
-        result = await self._writer.run(partial(self._transaction, job=job))
-        if self._on_write is not None:
-            self._on_write(time.perf_counter() - started)
-        return result
+        """Run ``job`` in a write transaction; committed when this returns.
+
+        Writes that arrive while the writer thread is busy are committed together in one
+        transaction (group commit), each job in its own savepoint: a job that raises is rolled
+        back alone and its caller gets the exception; the others commit. Cancelling the caller
+        does not withdraw a queued job.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queued.append(_QueuedWrite(job, future, time.perf_counter()))
+        if not self._flushing:
+            self._flush(loop)
+        return cast(T, await future)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._queued = self._queued, []
+        jobs = [queued.job for queued in batch]
+        try:
+            done = self._writer.submit(partial(self._run_batch, jobs))
+        except StoreError as exc:
+            for queued in batch:
+                if not queued.future.done():
+                    queued.future.set_exception(exc)
+            return
+        self._flushing = True
+        self._idle.clear()
+        done.add_done_callback(
+            lambda finished: loop.call_soon_threadsafe(self._flushed, loop, batch, finished)
+        )
+
+    def _flushed(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_QueuedWrite],
+        finished: concurrent.futures.Future[list[tuple[bool, Any]]],
+    ) -> None:
+        error = finished.exception()
+        outcomes = finished.result() if error is None else [(False, error)] * len(batch)
+        now = time.perf_counter()
+        for queued, (ok, value) in zip(batch, outcomes, strict=True):
+            if ok and self._on_write is not None:
+                self._on_write(now - queued.queued_at)  # queueing included
+            if queued.future.done():
+                continue  # the caller was cancelled; the write stands
+            if ok:
+                queued.future.set_result(value)
+            else:
+                queued.future.set_exception(value)
+        self._flushing = False
+        if self._queued:
+            self._flush(loop)
+        if not self._flushing:
+            self._idle.set()
+
+    def _run_batch(self, jobs: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Writer thread: run ``jobs`` in one transaction; per job (ok, result or exception)."""
+        conn = self._writer.conn
+        if conn is None:
+            raise StoreError("store is not open")
+        if len(jobs) == 1:
+            try:
+                return [(True, self._transaction(conn, jobs[0]))]
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                return [(False, exc)]
+        outcomes: list[tuple[bool, Any]] = []
+        self._delta = 0
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                delta = self._delta
+                try:
+                    result = job(conn)
+                except Exception as exc:  # noqa: BLE001 - handed to that job's caller
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (disk full, I/O)
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    self._delta = delta
+                    outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((True, result))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._pending += self._delta
+        return outcomes
 
     async def _read(self, job: Callable[[sqlite3.Connection], T]) -> T:
         return await self._reader.run(lambda conn: _read(conn, lambda: job(conn)))
