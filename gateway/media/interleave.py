@@ -10,6 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
+_FORMATS = {1: "B", 2: "H", 4: "I"}  # memoryview formats whose item size is the sample width
+
+
 def _check_width(sample_width: int) -> None:
     if sample_width < 1:
         raise ValueError(f"sample width must be at least 1 byte, not {sample_width}")
@@ -32,6 +35,12 @@ def deinterleave(data: bytes, channels: int, sample_width: int) -> list[bytes]:
         )
     if channels == 1:
         return [bytes(data)]
+    fmt = _FORMATS.get(sample_width)
+    if fmt is not None:
+        # A strided view per channel, copied out in C: several times cheaper than numpy for the
+        # 20 ms frames of live streams (hundreds of bytes), where numpy's call overhead dominates.
+        samples = memoryview(data).cast("B").cast(fmt)
+        return [samples[c::channels].tobytes() for c in range(channels)]
     # One row per frame, one column per byte: channel c is a column slice, copied out by tobytes.
     grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, frame)
     return [grid[:, c * sample_width : (c + 1) * sample_width].tobytes() for c in range(channels)]
