@@ -256,7 +256,7 @@ class LiveSettings(_Section):
     firehose_buffer: int = Field(10000, ge=100, le=10000000)
     # Events of one call kept in memory; a resume from further back is served from the store
     # (which holds every event but partials), so a long call's memory stays flat.
-    events_in_memory: int = Field(500, ge=10, le=10000000)
+    events_in_memory: int = Field(200, ge=10, le=10000000)
 
 
 class WebhookSettings(_Section):

@@ -6,11 +6,15 @@ Works on raw sample bytes of any fixed width (G.711 or L16 alike) without decodi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
-
-_FORMATS = {1: "B", 2: "H", 4: "I"}  # memoryview formats whose item size is the sample width
+_FORMATS: dict[int, Literal["B", "H", "I"]] = {
+    1: "B",
+    2: "H",
+    4: "I",
+}  # memoryview formats whose item size is the sample width
 
 
 def _check_width(sample_width: int) -> None:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.calls.call import Call
@@ -41,11 +40,11 @@ EVENT_TYPES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallEvent:
     """One event of one call; ``seq`` is the call's own sequence number (from 1).
 
-    No slots: :attr:`json_text` is computed once and shared by every subscriber.
+    :attr:`json_text` is computed once and shared by every subscriber (and every resend).
     """
 
     call_id: str
@@ -53,23 +52,29 @@ class CallEvent:
     type: str
     time: float
     data: dict[str, Any]
+    _json: str | None = field(default=None, compare=False, repr=False)
 
-    @cached_property
+    @property
     def json_text(self) -> str:
         """The event as JSON text, encoded once however many subscribers send it."""
-        return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
+        text = self._json
+        if text is None:
+            text = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
+            object.__setattr__(self, "_json", text)  # a cache, not a change of value
+        return text
 
     def slim(self) -> CallEvent:
         """The same event holding only its JSON text (``data`` emptied but for a turn's
-        ``key``): for old events kept for resuming subscribers, at about a quarter of the
-        memory."""
-        text = self.json_text
+        ``key``): for events kept for resuming subscribers, at a fraction of the memory."""
         key = self.data.get("key")
-        slim = CallEvent(
-            self.call_id, self.seq, self.type, self.time, {} if key is None else {"key": key}
+        return CallEvent(
+            self.call_id,
+            self.seq,
+            self.type,
+            self.time,
+            {} if key is None else {"key": key},
+            self.json_text,
         )
-        slim.__dict__["json_text"] = text  # the cached_property's slot: no re-encoding
-        return slim
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -58,8 +58,9 @@ Persist = Callable[[CallEvent, "dict[str, Any] | None"], Awaitable[None]]
 
 _COMPACT_AT = 600  # events in a log before superseded partials are first compacted
 # The newest events are kept whole and never compacted (clients resuming soon after a drop);
-# older ones keep only their JSON text (CallEvent.slim).
-_KEEP_RECENT = 200
+# older ones keep only their JSON text (CallEvent.slim): every consumer of an older event
+# (persist, webhooks, subscribers' queues) has taken its data by then.
+_KEEP_RECENT = 20
 _TRIM_SLACK = 100  # at most this many events beyond live.events_in_memory, then trimmed at once
 
 
@@ -233,7 +234,7 @@ class LiveHub:
         *,
         queue_limit: int = 1000,
         firehose_buffer: int = 10000,
-        events_in_memory: int = 500,
+        events_in_memory: int = 200,
         keep_finished: int = 200,
         persist: Persist | None = None,
     ) -> None:
