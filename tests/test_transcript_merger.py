@@ -204,3 +204,26 @@ def test_any_arrival_interleaving_gives_the_audio_order(
     assert m.stats.late_finals == 0
     starts = [(u.start, u.channel) for u in utterances]
     assert starts == sorted(starts, key=lambda s: s[0]) or join
+
+
+def test_released_utterances_are_kept_exactly() -> None:
+    """The merger keeps released utterances packed for the end-of-call transcript: what it
+    hands back later is equal to what it released, odd word texts and wordless turns too."""
+    m = TurnMerger(CHANNELS, join_same_speaker=False)
+    odd = TurnUpdate(
+        0,
+        0,
+        1,
+        (Word("a\x1fb", 100, 180, 0.123456789), Word("", 200, 260, 1.0)),
+        "a\x1fb",
+        100,
+        260,
+        True,
+        0.5,
+    )
+    wordless = TurnUpdate(1, 0, 0, (), "[music]", 300, 900, True, 0.75)
+    plain = turn(0, 2, 1000, 1400, "hello there friend")
+    out = [*m.update(odd), *m.update(wordless), *m.update(plain), *m.close()]
+    sent = [r.utterance for r in released(out)]
+    assert len(sent) == 3 and m.released_count == 3
+    assert m.utterances == tuple(sent)

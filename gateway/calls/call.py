@@ -437,7 +437,7 @@ class Call:
             reason=reason,
             duration_s=round(self.duration_ms / 1000, 3),
             finals=self.finals,
-            utterances=len(self.merger.utterances),
+            utterances=self.merger.released_count,
             stt_reconnects=sum(getattr(c.session, "reconnects", 0) for c in self.channels.values()),
             late_audio_frames=sum(c.clock.late_frames for c in self.channels.values()),
             filled_ms=sum(c.filled_ms for c in self.channels.values()),

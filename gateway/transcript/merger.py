@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,58 @@ class MergerStats:
     late_finals: int = 0
 
 
+_SEP = "\x1f"  # ASCII unit separator: between packed word texts (never in recognized text)
+
+
+class _PackedUtterance:
+    """A released utterance in a compact form (~30 bytes a word instead of ~200 as Word
+    objects): a long call keeps every utterance until it ends, for its transcript."""
+
+    __slots__ = (
+        "channel",
+        "speaker",
+        "role",
+        "start",
+        "end",
+        "text",
+        "confidence",
+        "_words",
+        "_times",
+        "_confidences",
+        "turns",
+    )
+
+    def __init__(self, u: Utterance) -> None:
+        self.channel, self.speaker, self.role = u.channel, u.speaker, u.role
+        self.start, self.end, self.text, self.confidence = u.start, u.end, u.text, u.confidence
+        self.turns = u.turns
+        texts = tuple(w.text for w in u.words)
+        # One string for all the words' texts, unless one of them holds the separator.
+        packed = len(texts) > 0 and not any(_SEP in t for t in texts)
+        self._words: str | tuple[str, ...] = _SEP.join(texts) if packed else texts
+        self._times = array("q", [int(t) for w in u.words for t in (w.start, w.end)])
+        self._confidences = array("d", [w.confidence for w in u.words])
+
+    def unpack(self) -> Utterance:
+        texts = self._words.split(_SEP) if isinstance(self._words, str) else self._words
+        times, confidences = self._times, self._confidences
+        words = tuple(
+            Word(text, times[2 * i], times[2 * i + 1], confidences[i])
+            for i, text in enumerate(texts)
+        )
+        return Utterance(
+            channel=self.channel,
+            speaker=self.speaker,
+            role=self.role,
+            start=self.start,
+            end=self.end,
+            text=self.text,
+            confidence=self.confidence,
+            words=words,
+            turns=self.turns,
+        )
+
+
 @dataclass(slots=True)
 class _OpenUtterance:
     channel: int
@@ -79,7 +132,7 @@ class TurnMerger:
         self._partials: dict[TurnKey, TurnUpdate] = {}
         self._pending: list[tuple[int, int, int, int, int, TurnUpdate]] = []
         self._open: _OpenUtterance | None = None
-        self._released: list[Utterance] = []
+        self._released: list[_PackedUtterance] = []
         self._last_released_start = -1
         self._closed = False
         self.stats = MergerStats()
@@ -142,8 +195,13 @@ class TurnMerger:
 
     @property
     def utterances(self) -> tuple[Utterance, ...]:
-        """Utterances released so far, in order."""
-        return tuple(self._released)
+        """Utterances released so far, in order (rebuilt from their packed form per call)."""
+        return tuple(p.unpack() for p in self._released)
+
+    @property
+    def released_count(self) -> int:
+        """How many utterances were released so far."""
+        return len(self._released)
 
     @property
     def open_partials(self) -> tuple[TurnUpdate, ...]:
@@ -197,7 +255,7 @@ class TurnMerger:
         assert cur is not None
         self._open = None
         utt = self._build(cur.channel, cur.turns)
-        self._released.append(utt)
+        self._released.append(_PackedUtterance(utt))
         return UtteranceReleased(len(self._released) - 1, utt)
 
     def _build(self, channel: int, turns: list[TurnUpdate]) -> Utterance:
