@@ -145,6 +145,10 @@ class ChannelClock:
             return b""
         end = start + n
         self._next = end
+        if start == self._frontier == self._released and not self._window:
+            # The live path: the next frame in order with nothing held back goes straight out.
+            self._frontier = self._released = end
+            return payload if type(payload) is bytes else bytes(payload)
         dropped = 0
         lo = start
         if lo < self._released:  # before what is already released (or before t = 0)
