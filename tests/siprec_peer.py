@@ -25,7 +25,7 @@ from gateway.ingress.siprec.message import (
     parse_name_addr,
 )
 from gateway.ingress.siprec.service import SIPREC, SiprecService
-from gateway.media.codec import Codec, encode
+from gateway.media.codec import Codec, encode, silence
 from gateway.stt.session import SttEngine
 from tests.gateway_server import Gateway, ingress_settings_for, running_gateway
 
@@ -61,14 +61,22 @@ async def siprec_gateway(
 # -- bodies ------------------------------------------------------------------------------------
 
 
+PAYLOAD_TYPES = {Codec.PCMU: 0, Codec.PCMA: 8}
+
+
 def sdp_offer(
-    ports: Sequence[int], *, direction: str = "sendonly", address: str = "127.0.0.1"
+    ports: Sequence[int],
+    *,
+    direction: str = "sendonly",
+    address: str = "127.0.0.1",
+    codec: Codec = Codec.PCMU,
 ) -> str:
+    pt = PAYLOAD_TYPES[codec]
     lines = ["v=0", f"o=SRC 4242 1 IN IP4 {address}", "s=SIPREC", f"c=IN IP4 {address}", "t=0 0"]
     for i, port in enumerate(ports):
         lines += [
-            f"m=audio {port} RTP/AVP 0 101",
-            "a=rtpmap:0 PCMU/8000",
+            f"m=audio {port} RTP/AVP {pt} 101",
+            f"a=rtpmap:{pt} {codec.value.upper()}/8000",
             "a=rtpmap:101 telephone-event/8000",
             "a=ptime:20",
             f"a=label:{i + 1}",
@@ -177,9 +185,14 @@ class Dialog:
             "INVITE", body=body, content_type=content_type, in_dialog=False, extra=extra
         )
 
-    def reinvite(self, ports: Sequence[int] = (30000, 30002), direction: str = "sendonly") -> bytes:
+    def reinvite(
+        self,
+        ports: Sequence[int] = (30000, 30002),
+        direction: str = "sendonly",
+        codec: Codec = Codec.PCMU,
+    ) -> bytes:
         self.cseq += 1
-        content_type, body = multipart(sdp_offer(ports, direction=direction), None)
+        content_type, body = multipart(sdp_offer(ports, direction=direction, codec=codec), None)
         return self.request("INVITE", body=body, content_type=content_type)
 
     def ack(self, cseq: int | None = None) -> bytes:
@@ -327,9 +340,11 @@ async def play_rtp(
     *,
     frame_ms: int = 20,
     speed: float = 1.0,
+    codec: Codec = Codec.PCMU,
 ) -> int:
-    """Send each channel's PCM16 (8 kHz) as PCMU RTP to its target at real time (x ``speed``),
-    from one socket per stream (as an SBC does). Returns the packets sent per stream."""
+    """Send each channel's PCM16 (8 kHz) as ``codec`` RTP to its target at real time
+    (x ``speed``), from one socket per stream (as an SBC does). Returns the packets sent per
+    stream."""
     loop = asyncio.get_running_loop()
     socks = []
     for _ in targets:
@@ -337,7 +352,8 @@ async def play_rtp(
         sock.setblocking(False)
         sock.bind(("127.0.0.1", 0))
         socks.append(sock)
-    payloads = [encode(Codec.PCMU, pcm) for pcm in pcm16]
+    payloads = [encode(codec, pcm) for pcm in pcm16]
+    pt = PAYLOAD_TYPES[codec]
     step = 8 * frame_ms
     frames = max(len(p) for p in payloads) // step
     ssrcs = [secrets.randbits(32) for _ in targets]
@@ -353,8 +369,8 @@ async def play_rtp(
             for k, (sock, target) in enumerate(zip(socks, targets, strict=True)):
                 chunk = payloads[k][i * step : (i + 1) * step]
                 if len(chunk) < step:
-                    chunk += b"\xff" * (step - len(chunk))
-                packet = rtp_packet(seq0[k] + i, ts0[k] + i * step, ssrcs[k], chunk)
+                    chunk += silence(codec, step - len(chunk))
+                packet = rtp_packet(seq0[k] + i, ts0[k] + i * step, ssrcs[k], chunk, pt)
                 with contextlib.suppress(BlockingIOError):
                     sock.sendto(packet, target)
     finally:

@@ -482,3 +482,30 @@ def test_malformed_message_is_answered_400_and_other_calls_continue() -> None:
     assert statuses(out) == [400]
     assert [o.reason for o in out if isinstance(o, Rejected)] == ["missing_header"]
     assert srv.calls == (CALL,) and srv.state(CALL) is DialogState.CONFIRMED
+
+
+def test_reinvite_may_change_the_codec_but_not_the_clock_rate() -> None:
+    srv, _ = server()
+    ok = establish(srv)
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    # m-line 1 moves to PCMA; m-line 2 offers only 16 kHz L16 (the channel is 8 kHz).
+    first, second = body.split(b"m=audio 10294", 1)
+    first = first.replace(b"RTP/AVP 0 101", b"RTP/AVP 8 101").replace(
+        b"a=rtpmap:0 PCMU/8000", b"a=rtpmap:8 PCMA/8000"
+    )
+    second = second.replace(b"RTP/AVP 0 101", b"RTP/AVP 96 101").replace(
+        b"a=rtpmap:0 PCMU/8000", b"a=rtpmap:96 L16/16000"
+    )
+    changed = in_dialog(
+        "INVITE", ok, 2, body=first + b"m=audio 10294" + second, content_type=content_type
+    )
+    out = deliver(srv, changed, 5.0)
+    answer = sent(out)[-1]
+    assert answer.status == 200
+    sdp = parse_sdp(answer.body)
+    assert [m.port for m in sdp.media] == [40000, 0]
+    assert sdp.media[0].payload_types[0] == 8
+    (plan,) = [o for o in out if isinstance(o, MediaPlan)]
+    assert [(s.config.channel, s.config.codec, s.config.payload_type) for s in plan.streams] == [
+        (0, Codec.PCMA, 8)
+    ]

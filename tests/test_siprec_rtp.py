@@ -28,7 +28,7 @@ from gateway.ingress.siprec.rtp import (
     parse_telephone_event,
 )
 from gateway.media.clock import ChannelClock
-from gateway.media.codec import Codec
+from gateway.media.codec import Codec, decode, encode
 
 FRAME = 160  # 20 ms of 8 kHz PCMU
 PT_TE = 101
@@ -338,3 +338,25 @@ def test_property_released_frames_sit_at_their_timestamps(
     sent = {k for _, k in sends}
     # Everything sent after the first arrival is delivered (earlier ones may be late).
     assert {k for k in sent if k >= first_k} <= delivered
+
+
+def test_codec_change_is_transcoded_to_the_channels_codec() -> None:
+    """A re-INVITE switching the stream from PCMU to PCMA: PCMA packets come out as the
+    channel's PCMU, packets of the old type still in flight decode as sent, and the timeline
+    runs on without a gap."""
+    r = RtpReceiver(StreamConfig(0, Codec.PCMU, 0, 8000, PT_TE))
+    events = r.receive(packet(0), 0.0) + r.receive(packet(1), 0.02)
+    r.reconfigure(StreamConfig(0, Codec.PCMA, 8, 8000, PT_TE))
+    pcm = encode(Codec.L16, decode(Codec.PCMU, payload(3)))  # what the caller says, as PCM
+    alaw = encode(Codec.PCMA, decode(Codec.L16, pcm))
+    events += r.receive(packet(2), 0.04)  # late PCMU, sent before the switch
+    events += r.receive(RtpPacket(8, 1003, 5000 + 3 * FRAME, 0x1234, alaw).to_bytes(), 0.06)
+    events += r.flush()
+    assert not any(isinstance(e, Gap) for e in events)
+    audio = [e for e in events if isinstance(e, Audio)]
+    assert [e.timestamp for e in audio] == [0, FRAME, 2 * FRAME, 3 * FRAME]
+    assert [e.payload for e in audio[:3]] == [payload(0), payload(1), payload(2)]
+    assert audio[3].payload == encode(Codec.PCMU, decode(Codec.PCMA, alaw))
+    assert r.stats.unknown_payload == 0
+    with pytest.raises(ValueError):
+        r.reconfigure(StreamConfig(0, Codec.L16, 96, 16000))

@@ -28,6 +28,7 @@ from gateway.ingress.siprec.message import (
     build_response,
     parse_name_addr,
 )
+from gateway.media.codec import Codec, decode, encode
 from tests.gateway_server import Gateway, hello_engine, metric, poll_until
 from tests.siprec_peer import (
     AORS,
@@ -194,6 +195,40 @@ async def test_reinvite_to_hold_and_back(tmp_path: Path) -> None:
         await client.expect(200)
         await gw.idle()
         assert updates == [("hold", None), ("resume", None)]
+        assert gw.stored(call.call_id)["state"] == "ended"
+        client.close()
+
+
+async def test_reinvite_with_another_codec_keeps_the_audio(tmp_path: Path) -> None:
+    """An SRC switching from PCMU to PCMA mid-call (re-INVITE): the same ports answer with
+    PCMA and the audio that follows reaches the call, not dropped as an unknown type."""
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        ports = [("127.0.0.1", p) for p in answer_ports(ok)]
+        speech = encode(Codec.L16, decode(Codec.PCMU, bytes(range(256)) * 32))  # ~1 s, loud
+        await play_rtp(ports, [speech, speech], speed=4.0)
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+        before = [c.received_samples for c in call.channels.values()]
+
+        client.send(dialog.reinvite(codec=Codec.PCMA), target)
+        changed = await client.expect(200)
+        client.send(dialog.ack(), target)
+        assert changed.body.count(b"a=rtpmap:8 PCMA/8000") == 2
+        assert answer_ports(changed) == answer_ports(ok)
+        sent = await play_rtp(ports, [speech, speech], speed=4.0, codec=Codec.PCMA)
+        await poll_until(
+            lambda: all(
+                c.received_samples >= b + sent * 160
+                for c, b in zip(call.channels.values(), before, strict=True)
+            ),
+            5,
+        )
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
         assert gw.stored(call.call_id)["state"] == "ended"
         client.close()
 

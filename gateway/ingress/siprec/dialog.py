@@ -30,8 +30,10 @@ Rules (h11 style):
 2. Access control (allowlist, then digest for out-of-dialog INVITE) runs before anything else.
 3. In-dialog requests must match Call-ID and both tags, or get 481.
 4. The SRS only receives: answers are ``recvonly`` (``inactive`` for ``inactive`` offers).
-5. A channel keeps its m-line and codec for the life of the call; new m-lines in a re-INVITE
-   are refused (port 0), a codec change on a channel's m-line is refused the same way.
+5. A channel keeps its m-line and clock rate for the life of the call: new m-lines in a
+   re-INVITE are refused (port 0), as is an m-line offering only other clock rates. Its codec
+   may change (PCMU, PCMA, L16 at the same rate; the previous one is preferred): the RTP
+   receiver transcodes to the codec the call started with.
 """
 
 from __future__ import annotations
@@ -742,8 +744,15 @@ class SiprecServer:
                 continue
             previous = dialog.negotiated[i]
             assert previous is not None
+            # The channel's clock rate is fixed; its codec may change (the receiver transcodes).
+            same_rate = [
+                (name, rate)
+                for name, rate in self.config.codecs
+                if rate == previous.clock_rate and name.upper() != previous.encoding.upper()
+            ]
             single = dataclasses.replace(offer, media=(media,))
-            out.append(negotiate(single, [(previous.encoding, previous.clock_rate)])[0])
+            prefs = [(previous.encoding, previous.clock_rate), *same_rate]
+            out.append(negotiate(single, prefs)[0])
         return tuple(out)
 
     def _remap(self, dialog: _Dialog) -> MetadataChanged | None:

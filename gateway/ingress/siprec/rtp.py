@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.ingress.events import Audio, Dtmf, Gap, IngressEvent
-from gateway.media.codec import Codec
+from gateway.media.codec import Codec, decode, encode
 
 __all__ = [
     "CallMedia",
@@ -451,11 +451,28 @@ class RtpReceiver:
             config.clock_rate, epoch=epoch, window_ms=window_ms, max_delay_s=max_delay_s
         )
         self.stats = ReceiverStats()
+        # The channel's codec for the call's life; a re-INVITE may switch the stream to another
+        # codec of the same clock rate, which is transcoded to this one.
+        self.target = config.codec
         self._width = config.codec.sample_width
+        # Audio payload types seen in this stream's offers -> codec: packets of a replaced
+        # type still in the jitter buffer (or in flight) decode as they were sent.
+        self._audio_types = {config.payload_type: config.codec}
         self._end = 0  # timeline position where this channel's output ends
         self._event_key: tuple[int, int] | None = None  # (ssrc, timestamp) of the DTMF event
         self._event_digit: str | None = None
         self._event_done = False
+
+    def reconfigure(self, config: StreamConfig) -> None:
+        """Take a renegotiated stream (re-INVITE/UPDATE): a new payload type or codec of the
+        same clock rate. Raises ValueError for another channel or clock rate."""
+        if config.channel != self.config.channel or config.clock_rate != self.config.clock_rate:
+            raise ValueError(
+                f"channel {self.config.channel} at {self.config.clock_rate} Hz cannot become "
+                f"channel {config.channel} at {config.clock_rate} Hz"
+            )
+        self.config = config
+        self._audio_types[config.payload_type] = config.codec
 
     def receive(self, datagram: bytes, arrival: float) -> list[IngressEvent]:
         """Handle one datagram received at ``arrival`` (seconds). Malformed input is counted."""
@@ -469,7 +486,7 @@ class RtpReceiver:
             return []
         cfg = self.config
         if (
-            packet.payload_type != cfg.payload_type
+            packet.payload_type not in self._audio_types
             and packet.payload_type != cfg.telephone_event
             and packet.payload_type not in cfg.comfort_noise
         ):
@@ -498,10 +515,13 @@ class RtpReceiver:
         out: list[IngressEvent] = []
         for frame in frames:
             pt = frame.packet.payload_type
-            if pt == cfg.payload_type:
+            codec = self._audio_types.get(pt) if pt != cfg.telephone_event else None
+            if codec is not None:
                 payload = frame.packet.payload
-                if cfg.codec is Codec.L16:
+                if codec is Codec.L16:
                     payload = _network_l16_to_little(payload)
+                if codec is not self.target:
+                    payload = encode(self.target, decode(codec, payload))
                 samples = len(payload) // self._width
                 if samples == 0:
                     continue

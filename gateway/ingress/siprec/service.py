@@ -212,13 +212,18 @@ class _SipCall:
             self.configs = configs
         else:
             for channel, config in configs.items():
-                if self.configs.get(channel) not in (None, config):
-                    log.warning(
-                        "siprec.stream_changed",
-                        sip_call_id=self.sip_call_id,
-                        channel=channel,
-                        payload_type=config.payload_type,
-                    )
+                receiver = self.media.receivers.get(channel)
+                if receiver is None or self.configs.get(channel) in (None, config):
+                    continue
+                receiver.reconfigure(config)  # the dialog keeps channel and clock rate
+                self.configs[channel] = config
+                log.info(
+                    "siprec.stream_changed",
+                    sip_call_id=self.sip_call_id,
+                    channel=channel,
+                    codec=config.codec.value,
+                    payload_type=config.payload_type,
+                )
         wanted = {s.local_port: s.config.channel for s in plan.streams}
         for port in [p for p in self.streams if p not in wanted]:
             self.service.ports.unlisten(port)
