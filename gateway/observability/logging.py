@@ -49,4 +49,12 @@ def configure_logging(
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    """A logger bound to ``name``; it follows :func:`configure_logging` whenever that runs.
+
+    Until something configures structlog (the CLI does; a program embedding the gateway may),
+    lines below info are dropped: structlog's own default prints every level, and debug lines
+    carry transcript text.
+    """
+    if not structlog.is_configured():
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
     return structlog.get_logger(name)  # type: ignore[no-any-return]
