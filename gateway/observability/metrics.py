@@ -141,6 +141,12 @@ class Metrics:
         self.outbox_depth = Gauge(
             "callgate_webhook_outbox_depth", "Webhook deliveries waiting in the outbox", registry=r
         )
+        self.siprec_packet_delay = Histogram(
+            "callgate_siprec_packet_delay_seconds",
+            "From an RTP packet's arrival to its audio on the call clock (sampled)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
         self.store_write = Histogram(
             "callgate_store_write_seconds",
             "Time from a store write being queued to its commit (finals wait this before publish)",

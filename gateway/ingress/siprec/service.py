@@ -44,7 +44,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from prometheus_client import Histogram
 
 from gateway.calls.call import CallError
 from gateway.calls.live import LiveCall
@@ -363,12 +362,7 @@ class SiprecService:
         self.engines = engines
         self.metrics = metrics
         self.admission: AdmissionHook = admission or self._default_admission
-        self.packet_delay = Histogram(
-            "callgate_siprec_packet_delay_seconds",
-            "From an RTP packet's arrival to its audio on the call clock (sampled)",
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
-            registry=metrics.registry,
-        )
+        self.packet_delay = metrics.siprec_packet_delay
         self._server: SiprecServer | None = None
         self._transports: SipTransports | None = None
         self._ports: RtpPorts | None = None
