@@ -369,6 +369,8 @@ class JitterBuffer:
 
     def _accept(self, ext_seq: int, packet: RtpPacket, arrival: float) -> list[Frame]:
         position = self._extend_ts(packet.timestamp) + self._offset
+        if ext_seq == self._next_seq and not self._held:
+            return [self._release(ext_seq, position, packet)]  # in order: the usual case
         self._held[ext_seq] = _Held(ext_seq, position, arrival, packet)
         out: list[Frame] = []
         while self._held:
@@ -386,19 +388,24 @@ class JitterBuffer:
         out: list[Frame] = []
         for ext_seq in sorted(s for s in self._held if s <= last):
             held = self._held.pop(ext_seq)
-            lost = max(0, ext_seq - self._next_seq)
-            self.stats.lost += lost
-            self.stats.released += 1
-            self._next_seq = ext_seq + 1
-            self._recent.append(ext_seq)
-            out.append(Frame(held.position, held.packet, lost))
-            if self._last is not None and self._last[0] == ext_seq - 1:
-                step = held.position - self._last[1]
-                if 0 < step <= self.rate:  # 0: a telephone-event repeat; > 1 s: not a step
-                    self._step = step
-            self._last = (ext_seq, held.position)
-            self._end = max(self._end, held.position + self._step)
+            out.append(self._release(ext_seq, held.position, held.packet))
         return out
+
+    def _release(self, ext_seq: int, position: int, packet: RtpPacket) -> Frame:
+        lost = max(0, ext_seq - self._next_seq)
+        stats = self.stats
+        stats.lost += lost
+        stats.released += 1
+        self._next_seq = ext_seq + 1
+        self._recent.append(ext_seq)
+        last = self._last
+        if last is not None and last[0] == ext_seq - 1:
+            step = position - last[1]
+            if 0 < step <= self.rate:  # 0: a telephone-event repeat; > 1 s: not a step
+                self._step = step
+        self._last = (ext_seq, position)
+        self._end = max(self._end, position + self._step)
+        return Frame(position, packet, lost)
 
     def _release_all(self) -> list[Frame]:
         if not self._held:
