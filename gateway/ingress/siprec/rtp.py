@@ -31,6 +31,7 @@ import struct
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -66,9 +67,12 @@ class RtpError(ValueError):
     """A datagram that is not a valid RTP packet."""
 
 
-@dataclass(frozen=True, slots=True)
-class RtpPacket:
-    """A parsed RTP packet (RFC 3550 5.1). ``payload`` has the padding removed."""
+class RtpPacket(NamedTuple):
+    """A parsed RTP packet (RFC 3550 5.1). ``payload`` has the padding removed.
+
+    A named tuple rather than a frozen dataclass: one is made per packet (a hundred per call
+    second), and a tuple is built several times faster.
+    """
 
     payload_type: int
     sequence: int

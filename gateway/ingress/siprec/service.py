@@ -252,7 +252,7 @@ class _SipCall:
                 break
             if media is None or self.stopped is not None:
                 continue
-            source = (str(addr[0]), int(addr[1]))
+            source = addr  # (host, port[, flow, scope]) as the socket reports it
             if stream.latched != source:
                 if stream.latched is not None and now - stream.last_at < RELATCH_S:
                     stream.dropped += 1
