@@ -444,7 +444,12 @@ def run_one(
                 out[dict(lab).get(key, "?")] = out.get(dict(lab).get(key, "?"), 0) + d
         return out
 
-    per_session_turns = sum(1 for t in script_turns if t[-1][2] <= sim_result["audio_s"] * 1000)
+    # Call i plays audio_s - i * stagger seconds (the staggered calls end together).
+    stagger = ramp_s / n
+    per_call_turns = [
+        sum(1 for t in script_turns if t[-1][2] <= (audio_s - i * stagger) * 1000)
+        for i in range(n)
+    ]
     return {
         "ingress": "siprec",
         "calls": n,
@@ -475,7 +480,7 @@ def run_one(
         "finals": int(
             final.value("callgate_turn_finals_total") - baseline.value("callgate_turn_finals_total")
         ),
-        "finals_expected": n * 2 * per_session_turns,
+        "finals_expected": 2 * sum(per_call_turns),
         "stream_errors": labelled("callgate_stream_errors_total", "reason"),
         "streams_rejected": labelled("callgate_streams_rejected_total", "reason"),
         "loadavg_at_end": tc.loadavg(),
