@@ -203,11 +203,11 @@ class MediaEpoch:
         return round((arrival - self._t0) * rate)
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """A packet released by the jitter buffer, placed at ``position`` (samples, stream timeline).
 
     ``lost`` counts the packets skipped right before this one (sequence holes given up on).
+    A named tuple: one is made per packet.
     """
 
     position: int
@@ -308,10 +308,10 @@ class JitterBuffer:
             else:
                 self.stats.late += 1
             return out
+        ext_ts = self._extend_ts(packet.timestamp)
         if ext_seq < self._max_ext_seq:
             self.stats.reordered += 1
         else:
-            ext_ts = self._extend_ts(packet.timestamp)
             drift = ext_ts + self._offset - self.epoch.position(arrival, self.rate)
             if abs(drift) > self.resync:
                 # Timestamps no longer follow arrival (a jump, a frozen clock after hold).
@@ -321,6 +321,10 @@ class JitterBuffer:
                 return out + self._accept(self._max_ext_seq, packet, arrival)
             self._max_ext_seq = ext_seq
             self._ref_ext_ts = ext_ts
+        position = ext_ts + self._offset
+        if ext_seq == self._next_seq and not self._held:
+            out.append(self._release(ext_seq, position, packet))  # in order: the usual case
+            return out
         return out + self._accept(ext_seq, packet, arrival)
 
     def poll(self, now: float) -> list[Frame]:
