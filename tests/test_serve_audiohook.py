@@ -24,6 +24,7 @@ from gateway.simulate.audiohook import (
     simulate_audiohook,
     upgrade_headers,
 )
+from gateway.stt.scripted import ScriptedEngine, parse_script
 from tests.gateway_server import (
     AUDIOHOOK_KEY,
     AUDIOHOOK_SECRET,
@@ -313,6 +314,55 @@ async def test_reconnect_continues_the_call(tmp_path: Path) -> None:
         assert by_role(doc)["customer"] == "hello there goodbye"
         metrics = await gw.metrics()
         assert metric(metrics, "callgate_stream_continuations_total", source="audiohook") == 1
+
+
+async def test_transcripts_after_a_reconnect_are_on_the_new_sessions_timeline(
+    tmp_path: Path,
+) -> None:
+    """Genesys reads a transcript's offset on the session that carries it: after a reconnect
+    the continued session starts at call time 1 s, so "goodbye" (1.6-1.9 s of the call) is at
+    0.6 s of it."""
+    settings = ingress_settings_for(
+        tmp_path, audiohook={"reconnect_grace_s": 5.0, "send_transcripts": True}
+    )
+    engine = ScriptedEngine(
+        parse_script([[["hello", 100, 400]], [["goodbye", 1600, 1900]]]), final_delay_ms=200
+    )
+    async with running_gateway(settings, engine) as gw:
+        url = gw.ws(PATH)
+        # Half real time, so "hello" is final (at 0.6 s of audio) well before the close.
+        first = await simulate_audiohook(
+            url, silent_call(1.0), _options(speed=2, close_reason="reconnect")
+        )
+        assert first.completed, first
+        second = await simulate_audiohook(
+            url,
+            silent_call(1.0),
+            _options(
+                speed=0,
+                conversation_id=first.conversation_id,
+                continued_sessions=(first.session_id,),
+            ),
+        )
+        assert second.completed, second
+        await gw.idle()
+
+    def finals(result: Any) -> list[tuple[str, str]]:
+        return sorted(
+            (t["alternatives"][0]["interpretations"][0]["transcript"], t["offset"])
+            for t in result.transcripts
+            if t["isFinal"]
+        )
+
+    assert finals(first) == [("hello", "PT0.1S"), ("hello", "PT0.1S")]
+    assert finals(second) == [("goodbye", "PT0.6S"), ("goodbye", "PT0.6S")]
+    words = [
+        tok["offset"]
+        for t in second.transcripts
+        if t["isFinal"]
+        for tok in t["alternatives"][0]["interpretations"][0]["tokens"]
+    ]
+    assert words == ["PT0.6S", "PT0.6S"]
 
 
 async def test_drain_disconnects_with_completed(tmp_path: Path) -> None:

@@ -166,6 +166,16 @@ class LiveCall:
             frontier = max(frontier, int((now - self.first_media_at) * 1000))
         return self.call.source_timestamp(frontier, self._rate)
 
+    def stream_origin_ms(self, placement: StreamPlacement) -> int | None:
+        """Call-clock ms where a stream's own timestamp 0 lands: 0 for the stream that started
+        the call, None for a continuation whose first audio has not come yet."""
+        if not placement.continuation:
+            return 0
+        if placement.base is None:
+            return None
+        origin = self.call.source_timestamp(0, self._rate)
+        return max(0, (placement.base - origin) * 1000 // self._rate)
+
     def _attach(self, stream: StreamLink) -> None:
         self._streams.add(stream)
         self.streams_seen += 1

@@ -285,12 +285,17 @@ class AudioHookSession:
         self.state = SessionState.CLOSED
         return self._message("closed", {})
 
-    def transcript_event(self, update: TurnUpdate, *, language: str | None = None) -> str | None:
+    def transcript_event(
+        self, update: TurnUpdate, *, language: str | None = None, origin_ms: int = 0
+    ) -> str | None:
         """An ``event`` message carrying ``update`` as a ``transcript`` entity.
 
         ``update.channel`` is a call channel; the entity's ``channelId`` is its index in the
-        selected media. None when the session cannot carry events now or the channel is not
-        in the media.
+        selected media. Offsets are on this session's timeline, whose position 0 is call time
+        ``origin_ms`` (a session continuing a call after a reconnect starts later on the call
+        clock); a turn from before it (finalized after the reconnect) is placed at 0, not
+        dropped. None when the session cannot carry events now or the channel is not in the
+        media.
         """
         if self.state not in (SessionState.ACTIVE, SessionState.PAUSED, SessionState.CLOSING):
             return None
@@ -302,7 +307,7 @@ class AudioHookSession:
                 "type": "word",
                 "value": w.text,
                 "confidence": round(w.confidence, 3),
-                "offset": format_duration(w.start / 1000),
+                "offset": format_duration(max(0, w.start - origin_ms) / 1000),
                 "duration": format_duration((w.end - w.start) / 1000),
                 "language": language or "en-US",
             }
@@ -312,7 +317,7 @@ class AudioHookSession:
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.id}/{update.key}")),
             "channelId": channel_id,
             "isFinal": update.final,
-            "offset": format_duration(update.start_ms / 1000),
+            "offset": format_duration(max(0, update.start_ms - origin_ms) / 1000),
             "duration": format_duration(max(0, update.end_ms - update.start_ms) / 1000),
             "alternatives": [
                 {

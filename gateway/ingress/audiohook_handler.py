@@ -178,6 +178,8 @@ class _Session:
         self.link = _Link(self)
         self.live: LiveCall | None = None
         self.placement: StreamPlacement | None = None
+        # Call time at this session's position 0 (transcript offsets), once known.
+        self.origin_ms: int | None = None
         self.counter = MediaCounter(handler.metrics, SOURCE)
         self.rate = RateGuard(handler.settings)
         self.log = handler.log
@@ -355,6 +357,8 @@ class _Session:
             live.first_media_at = now
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
             event = placement.place(event, lambda: live.continuation_base(now))
+        if self.origin_ms is None:
+            self.origin_ms = live.stream_origin_ms(placement)
         await self._call_handle(event)
 
     async def _call_handle(self, event: IngressEvent) -> None:
@@ -467,9 +471,21 @@ class _Session:
         while True:
             update = await queue.get()
             try:
-                await self.send(self.session.transcript_event(update, language=language))
+                origin = self._origin_ms()
+                await self.send(
+                    self.session.transcript_event(update, language=language, origin_ms=origin)
+                )
             finally:
                 queue.task_done()
+
+    def _origin_ms(self) -> int:
+        """Call time at this session's position 0 (later than 0 when it continues a call)."""
+        if self.origin_ms is not None:
+            return self.origin_ms
+        if self.live is None or self.placement is None or not self.placement.continuation:
+            return 0
+        # Before its first audio a continuation starts where the call's audio ends now.
+        return self.live.call.frontier_ms
 
     async def _drain_transcripts(self) -> None:
         if self._transcripts is not None and self._sender is not None:
