@@ -32,8 +32,8 @@ import time
 
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from gateway.calls.call import Call, CallError, CallOutput
-from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
+from gateway.calls.call import Call, CallOutput
+from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import AudioHookSettings, Settings
 from gateway.ingress.audiohook import AudioHookProtocolError, AudioHookSession, SessionState
@@ -51,10 +51,11 @@ from gateway.ingress.ws_shell import (
     RateGuard,
     StreamError,
     authorities,
-    call_options,
     close_code,
     close_text,
+    continue_call,
     feed_call,
+    start_call,
 )
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -388,34 +389,22 @@ class _Session:
         self.log.debug("audiohook.participant", ani=metadata.get("ani"), dnis=metadata.get("dnis"))
         live = self._continued_call(session.continued_sessions)
         if live is not None:
-            try:
-                self.placement = live.continue_with(started, self.link)
-            except ContinuationError as exc:
-                raise StreamError(exc.reason, str(exc)) from None
+            self.placement = continue_call(live, started, self.link, h.metrics, SOURCE)
             self.live = live
             live.call.metadata[SESSIONS_KEY] += f",{session.id}"
-            h.metrics.stream_continuations.labels(SOURCE).inc()
             await self._fill_reconnect_gap(live)
         else:
-            try:
-                engine = await h.engines.get(None)
-                live = h.registry.create(
-                    engine,
-                    call_options(h.settings),
-                    source=SOURCE,
-                    key=session.id,
-                    grace_s=self.conf.reconnect_grace_s,
-                    max_call_s=h.settings.calls.max_call_s,
-                )
-            except AdmissionRefused as exc:
-                raise StreamError(exc.reason, str(exc)) from None
-            except ValueError as exc:
-                raise StreamError("unknown_engine", str(exc)) from None
+            live, self.placement = await start_call(
+                h.registry,
+                h.engines,
+                h.settings,
+                started,
+                self.link,
+                source=SOURCE,
+                key=session.id,
+                grace_s=self.conf.reconnect_grace_s,
+            )
             self.live = live
-            try:
-                self.placement = await live.start(started, self.link)
-            except CallError as exc:
-                raise StreamError("bad_start", str(exc)) from None
         if self.conf.send_transcripts:
             self._listen(live.call)
         await self.send(session.accept())

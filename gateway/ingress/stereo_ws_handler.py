@@ -23,8 +23,7 @@ import time
 
 from aiohttp import WSMsgType, web
 
-from gateway.calls.call import CallError
-from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
+from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import Settings, StereoWsSettings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
@@ -34,10 +33,11 @@ from gateway.ingress.ws_shell import (
     RateGuard,
     SocketLink,
     StreamError,
-    call_options,
     close_code,
     close_text,
+    continue_call,
     feed_call,
+    start_call,
 )
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -251,29 +251,16 @@ class _Stream:
         )
         live = h.registry.find(SOURCE, key) if key else None
         if live is not None:
-            try:
-                self.placement = live.continue_with(started, self.link)
-            except ContinuationError as exc:
-                raise StreamError(exc.reason, str(exc)) from None
+            self.placement = continue_call(live, started, self.link, h.metrics, SOURCE)
             self.live = live
-            h.metrics.stream_continuations.labels(SOURCE).inc()
             return
-        try:
-            engine = await h.engines.get(None)
-            live = h.registry.create(
-                engine,
-                call_options(h.settings),
-                source=SOURCE,
-                key=key,
-                grace_s=h.conf.reconnect_grace_s,
-                max_call_s=h.settings.calls.max_call_s,
-            )
-        except AdmissionRefused as exc:
-            raise StreamError(exc.reason, str(exc)) from None
-        except ValueError as exc:
-            raise StreamError("unknown_engine", str(exc)) from None
-        self.live = live
-        try:
-            self.placement = await live.start(started, self.link)
-        except CallError as exc:
-            raise StreamError("bad_start", str(exc)) from None
+        self.live, self.placement = await start_call(
+            h.registry,
+            h.engines,
+            h.settings,
+            started,
+            self.link,
+            source=SOURCE,
+            key=key,
+            grace_s=h.conf.reconnect_grace_s,
+        )

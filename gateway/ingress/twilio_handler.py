@@ -22,7 +22,7 @@ import time
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.calls.call import CallError
-from gateway.calls.live import ContinuationError, LiveCall, StreamPlacement
+from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import MediaStreamSettings, Settings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
@@ -33,10 +33,11 @@ from gateway.ingress.ws_shell import (
     RateGuard,
     SocketLink,
     StreamError,
-    call_options,
     close_code,
     close_text,
+    continue_call,
     feed_call,
+    start_call,
 )
 from gateway.media.clock import TimestampJump
 from gateway.observability.logging import get_logger
@@ -292,34 +293,20 @@ class _Stream:
         key = started.source_ids.get("callSid") or started.source_ids.get("call_control_id")
         live = h._registry.find(h.dialect, key) if key else None
         if live is not None:
-            try:
-                self.placement = live.continue_with(started, self.link)
-            except ContinuationError as exc:
-                raise StreamError(exc.reason, str(exc)) from None
+            self.placement = continue_call(live, started, self.link, h._metrics, h.dialect)
             self.live = live
-            h._metrics.stream_continuations.labels(h.dialect).inc()
             self.log.info(
                 "stream.continues_call", call_id=live.call_id, stream_id=self.decoder.stream_id
             )
             return
-        engine_name = metadata.get(f"param.{_ENGINE_PARAMETER}") or None
-        try:
-            engine = await h._engines.get(engine_name)
-        except ValueError as exc:
-            raise StreamError("unknown_engine", str(exc)) from None
-        try:
-            live = h._registry.create(
-                engine,
-                call_options(h._settings),
-                source=h.dialect,
-                key=key,
-                grace_s=h.conf.redirect_grace_s,
-                max_call_s=h._settings.calls.max_call_s,
-            )
-        except AdmissionRefused as exc:
-            raise StreamError(exc.reason, str(exc)) from None
-        self.live = live
-        try:
-            self.placement = await live.start(started, self.link)
-        except CallError as exc:
-            raise StreamError("bad_start", str(exc)) from None
+        self.live, self.placement = await start_call(
+            h._registry,
+            h._engines,
+            h._settings,
+            started,
+            self.link,
+            source=h.dialect,
+            key=key,
+            grace_s=h.conf.redirect_grace_s,
+            engine_name=metadata.get(f"param.{_ENGINE_PARAMETER}") or None,
+        )

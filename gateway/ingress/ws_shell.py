@@ -1,4 +1,4 @@
-"""Pieces the thin aiohttp WebSocket shells of the AudioHook and stereo PCM ingresses share.
+"""Pieces the thin aiohttp WebSocket shells of the Twilio, AudioHook and stereo PCM ingresses share.
 
 The same rules for every WebSocket ingress (Twilio and its cousins, AudioHook, stereo PCM): a
 refusal before the upgrade is an HTTP status plus ``streams_rejected{source, reason}`` and one
@@ -14,10 +14,13 @@ from typing import Protocol
 from aiohttp import WSCloseCode, web
 
 from gateway.calls.call import Call, CallError, CallOptions
+from gateway.calls.live import ContinuationError, LiveCall, StreamLink, StreamPlacement
+from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import Settings
-from gateway.ingress.events import IngressEvent
+from gateway.ingress.events import CallStarted, IngressEvent
 from gateway.media.clock import TimestampJump
 from gateway.observability.metrics import Metrics
+from gateway.stt.engines import EngineSet
 
 # Close codes for stream errors: 1009 for size, 1003 for data we cannot take, 1008 otherwise.
 CLOSE_CODES = {
@@ -72,6 +75,57 @@ async def feed_call(call: Call, event: IngressEvent, link: _ClosedByCall) -> Non
     except CallError as exc:
         if link.closed_by_call is None:
             raise StreamError("call_error", str(exc)) from None
+
+
+def continue_call(
+    live: LiveCall, started: CallStarted, link: StreamLink, metrics: Metrics, source: str
+) -> StreamPlacement:
+    """Attach a stream that continues ``live`` (a redirect, a reconnect) and count it; a
+    stream that cannot continue it raises :class:`StreamError`."""
+    try:
+        placement = live.continue_with(started, link)
+    except ContinuationError as exc:
+        raise StreamError(exc.reason, str(exc)) from None
+    metrics.stream_continuations.labels(source).inc()
+    return placement
+
+
+async def start_call(
+    registry: CallRegistry,
+    engines: EngineSet,
+    settings: Settings,
+    started: CallStarted,
+    link: StreamLink,
+    *,
+    source: str,
+    key: str | None,
+    grace_s: float,
+    engine_name: str | None = None,
+) -> tuple[LiveCall, StreamPlacement]:
+    """Admit a new call for the stream's ``started`` and start it; refusals (unknown engine,
+    admission, a start the Call rejects) raise :class:`StreamError`. A call that was created
+    but could not start is detached here, so it ends like any call whose stream went away."""
+    try:
+        engine = await engines.get(engine_name)
+    except ValueError as exc:
+        raise StreamError("unknown_engine", str(exc)) from None
+    try:
+        live = registry.create(
+            engine,
+            call_options(settings),
+            source=source,
+            key=key,
+            grace_s=grace_s,
+            max_call_s=settings.calls.max_call_s,
+        )
+    except AdmissionRefused as exc:
+        raise StreamError(exc.reason, str(exc)) from None
+    try:
+        placement = await live.start(started, link)
+    except CallError as exc:
+        live.detach(link, "stream_error")
+        raise StreamError("bad_start", str(exc)) from None
+    return live, placement
 
 
 def call_options(settings: Settings) -> CallOptions:
