@@ -447,8 +447,7 @@ def run_one(
     # Call i plays audio_s - i * stagger seconds (the staggered calls end together).
     stagger = ramp_s / n
     per_call_turns = [
-        sum(1 for t in script_turns if t[-1][2] <= (audio_s - i * stagger) * 1000)
-        for i in range(n)
+        sum(1 for t in script_turns if t[-1][2] <= (audio_s - i * stagger) * 1000) for i in range(n)
     ]
     return {
         "ingress": "siprec",
