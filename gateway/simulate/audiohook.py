@@ -39,7 +39,7 @@ from gateway.ingress.audiohook_signature import (
 )
 from gateway.media.codec import Codec, encode
 from gateway.media.interleave import interleave
-from gateway.simulate.twilio import CallAudio, load_call_audio
+from gateway.simulate.twilio import CallAudio, load_call_audio, play_concurrently
 
 if TYPE_CHECKING:
     import aiohttp
@@ -489,10 +489,6 @@ async def simulate_audiohook_calls(
     stagger_s: float = 0.0,
 ) -> list[AudioHookResult]:
     """``n`` concurrent sessions of the same audio (fresh session ids), starts staggered."""
-    import asyncio
-
-    import aiohttp
-
     opts = options if options is not None else AudioHookOptions()
     if n < 1:
         raise ValueError(f"need at least one call, got {n}")
@@ -500,16 +496,6 @@ async def simulate_audiohook_calls(
         raise ValueError("session_id would repeat across calls: leave it None")
     wire = await prepare_audiohook_audio(audio, opts)
 
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None),
-    ) as session:
-
-        async def one(i: int) -> AudioHookResult:
-            if i and stagger_s:
-                await asyncio.sleep(i * stagger_s)
-            return await simulate_audiohook(url, wire, opts, session=session)
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i)) for i in range(n)]
-    return [t.result() for t in tasks]
+    return await play_concurrently(
+        n, stagger_s, lambda session: simulate_audiohook(url, wire, opts, session=session)
+    )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from gateway.media.interleave import interleave
-from gateway.simulate.twilio import CallAudio, load_call_audio
+from gateway.simulate.twilio import CallAudio, load_call_audio, play_concurrently
 
 if TYPE_CHECKING:
     import aiohttp
@@ -294,26 +294,12 @@ async def simulate_stereo_ws_calls(
     stagger_s: float = 0.0,
 ) -> list[StereoWsResult]:
     """``n`` concurrent streams of the same audio (fresh call ids), starts staggered."""
-    import asyncio
-
-    import aiohttp
-
     opts = options if options is not None else StereoWsOptions()
     if n < 1:
         raise ValueError(f"need at least one call, got {n}")
     if n > 1 and opts.call_sid:
         raise ValueError("call_sid would repeat across calls: leave it None")
     wire = await prepare_stereo_audio(audio, opts)
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None),
-    ) as session:
-
-        async def one(i: int) -> StereoWsResult:
-            if i and stagger_s:
-                await asyncio.sleep(i * stagger_s)
-            return await simulate_stereo_ws(url, wire, opts, session=session)
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i)) for i in range(n)]
-    return [t.result() for t in tasks]
+    return await play_concurrently(
+        n, stagger_s, lambda session: simulate_stereo_ws(url, wire, opts, session=session)
+    )

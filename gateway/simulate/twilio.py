@@ -31,11 +31,11 @@ import math
 import random
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -708,6 +708,30 @@ async def _session_scope(
         yield own
 
 
+T = TypeVar("T")
+
+
+async def play_concurrently(
+    n: int,
+    stagger_s: float,
+    play: Callable[[aiohttp.ClientSession], Awaitable[T]],
+    session: aiohttp.ClientSession | None = None,
+) -> list[T]:
+    """Run ``play`` ``n`` times at once on one session (the caller's, or a new one without a
+    connection limit); run i starts ``i * stagger_s`` after the first. Results in start order."""
+    import asyncio
+
+    async def one(i: int, s: aiohttp.ClientSession) -> T:
+        if i and stagger_s:
+            await asyncio.sleep(i * stagger_s)
+        return await play(s)
+
+    async with _session_scope(session) as s:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, s)) for i in range(n)]
+    return [task.result() for task in tasks]
+
+
 class _Tally:
     """What one call has sent so far (one per call, never shared)."""
 
@@ -934,7 +958,6 @@ async def simulate_calls(
     Raises ValueError for ``n`` < 1, a negative stagger, or fixed ids with ``n`` > 1 (the ids of
     ``options`` would repeat); otherwise as :func:`simulate_call`.
     """
-    import asyncio
 
     opts = options if options is not None else SimulationOptions()
     if n < 1:
@@ -946,16 +969,9 @@ async def simulate_calls(
         raise ValueError("call_sid/stream_sid would repeat across calls: leave them None")
     wire = await prepare_audio(audio, opts)
     signed = signed_headers(url, auth_token, headers)
-
-    async def one(i: int, s: aiohttp.ClientSession) -> SimulationResult:
-        if i and stagger_s:
-            await asyncio.sleep(i * stagger_s)
-        return await _play(s, url, TwilioCallScript(wire, opts), signed)
-
-    async with _session_scope(session) as s:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, s)) for i in range(n)]
-    return [task.result() for task in tasks]
+    return await play_concurrently(
+        n, stagger_s, lambda s: _play(s, url, TwilioCallScript(wire, opts), signed), session
+    )
 
 
 async def send_raw(
