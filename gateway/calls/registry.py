@@ -19,6 +19,7 @@ from typing import Any
 
 from gateway.calls.call import Call, CallOptions, CallState, Listener
 from gateway.calls.live import LiveCall
+from gateway.calls.tasks import TaskSet
 from gateway.observability.logging import get_logger
 from gateway.stt.session import SttEngine
 
@@ -45,7 +46,7 @@ class CallRegistry:
         self._active: dict[str, LiveCall] = {}
         self._by_key: dict[tuple[str, str], LiveCall] = {}
         self._recent: OrderedDict[str, Call] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("registry")
         self._listeners: list[Listener] = []
         self._finish_hooks: list[FinishHook] = []
         self._idle = asyncio.Event()
@@ -63,15 +64,7 @@ class CallRegistry:
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run ``coro`` as a task the registry owns (cancelled and awaited by :meth:`close`)."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("registry.task_failed", task=task.get_name(), error=repr(task.exception()))
+        return self._tasks.spawn(coro, name)
 
     # -- lookup ----------------------------------------------------------------------------------
 
@@ -192,9 +185,4 @@ class CallRegistry:
         for live in list(self._active.values()):
             with contextlib.suppress(Exception):
                 await live.call.abort("gateway stopped")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.close()

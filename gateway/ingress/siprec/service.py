@@ -48,6 +48,7 @@ from aiohttp import web
 from gateway.calls.call import CallError
 from gateway.calls.live import LiveCall
 from gateway.calls.registry import AdmissionRefused, CallRegistry
+from gateway.calls.tasks import TaskSet
 from gateway.config import Settings, SiprecSettings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Hold, IngressEvent
 from gateway.ingress.siprec.auth import DigestAuth
@@ -369,7 +370,7 @@ class SiprecService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._engine: SttEngine | None = None
         self._calls: dict[str, _SipCall] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("siprec")
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -474,12 +475,7 @@ class SiprecService:
             await self._transports.close()
         for call in self._calls.values():
             call.stop("shutdown")
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await self._tasks.close()
         self._calls.clear()
         if self._ports is not None:
             self._ports.close()
@@ -526,7 +522,7 @@ class SiprecService:
             if isinstance(out, Send):
                 self._transports_send(out)
             elif isinstance(out, IncomingCall):
-                self._spawn(self._admit(out), f"siprec-admit-{out.call_id}")
+                self._tasks.spawn(self._admit(out), f"siprec-admit-{out.call_id}")
             elif isinstance(out, MediaPlan):
                 call = self._calls.get(out.call_id)
                 if call is not None:
@@ -625,7 +621,7 @@ class SiprecService:
             self._apply(server.reject(call_id, status, now, reason=reason))
             return
         call = self._calls[call_id] = _SipCall(self, call_id, live)
-        call.task = self._spawn(call.run(), f"siprec-call-{call_id}")
+        call.task = self._tasks.spawn(call.run(), f"siprec-call-{call_id}")
         outputs = server.accept(call_id, now)
         if any(isinstance(o, CallEvent) and isinstance(o.event, CallStarted) for o in outputs):
             self.metrics.streams.labels(SOURCE).inc()
@@ -662,18 +658,6 @@ class SiprecService:
         except Exception as exc:  # noqa: BLE001 - the timer must keep running
             log.error("siprec.timer_failed", error=repr(exc))
             self._arm_timer()
-
-    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("siprec.task_failed", task=task.get_name(), error=repr(task.exception()))
 
 
 SIPREC = web.AppKey("siprec", SiprecService)
