@@ -321,11 +321,7 @@ class JitterBuffer:
                 return out + self._accept(self._max_ext_seq, packet, arrival)
             self._max_ext_seq = ext_seq
             self._ref_ext_ts = ext_ts
-        position = ext_ts + self._offset
-        if ext_seq == self._next_seq and not self._held:
-            out.append(self._release(ext_seq, position, packet))  # in order: the usual case
-            return out
-        return out + self._accept(ext_seq, packet, arrival)
+        return out + self._accept(ext_seq, packet, arrival, ext_ts)
 
     def poll(self, now: float) -> list[Frame]:
         """Release packets held longer than ``max_delay_s`` (and everything before them)."""
@@ -375,8 +371,12 @@ class JitterBuffer:
             delta -= _TS_MOD
         return self._ref_ext_ts + delta
 
-    def _accept(self, ext_seq: int, packet: RtpPacket, arrival: float) -> list[Frame]:
-        position = self._extend_ts(packet.timestamp) + self._offset
+    def _accept(
+        self, ext_seq: int, packet: RtpPacket, arrival: float, ext_ts: int | None = None
+    ) -> list[Frame]:
+        if ext_ts is None:
+            ext_ts = self._extend_ts(packet.timestamp)
+        position = ext_ts + self._offset
         if ext_seq == self._next_seq and not self._held:
             return [self._release(ext_seq, position, packet)]  # in order: the usual case
         self._held[ext_seq] = _Held(ext_seq, position, arrival, packet)
