@@ -37,7 +37,6 @@ import os
 import re
 import secrets
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -306,7 +305,6 @@ def run_one(
     audio_s = ramp_s + args.settle + args.seconds + args.tail
     script_turns = tc.stt_script(audio_s)
     children: list[tc.Child] = []
-    scraper: tc.Scraper | None = None
     sip_port = _free_udp_port()
     with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp:
         script_path = Path(tmp) / "script.json"
@@ -364,66 +362,26 @@ def run_one(
                     stdin=True,
                 )
                 children.append(sim)
-                warm = json.loads(sim.readline(60, "warm-up call"))
-                if not warm["warm"]:
-                    raise RuntimeError(f"the warm-up call did not complete: {warm}")
-                time.sleep(2.0)
-                tc.pin(gw.proc.pid, gw_cores)
-                load_pids = [peer.proc.pid, sim.proc.pid, os.getpid()]
-
-                def sample() -> tc.ProcSample:
-                    return tc.ProcSample(
-                        time.monotonic(),
-                        tc.cpu_s(gw.proc.pid),
-                        sum(tc.cpu_s(p) for p in load_pids),
-                        tc.mem_kib(gw.proc.pid, "VmRSS"),
-                        tc.core_busy_s(),
-                    )
-
-                baseline = tc.scrape(base)
-                base_proc = sample()
-                scraper = tc.Scraper(base)
-                sim.send("go\n")
-                go = time.monotonic()
-                window_at = go + ramp_s + args.settle
-                window_end = window_at + args.seconds
-                procs = [sample()]
-                while (now := time.monotonic()) < window_end:
-                    time.sleep(min(1.0, window_end - now))
-                    procs.append(sample())
-                hwm = tc.mem_kib(gw.proc.pid, "VmHWM")
-                sim_result = json.loads(sim.readline(audio_s + 180, "simulation result"))
-                scraper.stop()
-                deadline = time.monotonic() + 120
-                final = tc.scrape(base)
-                while time.monotonic() < deadline and final.value("callgate_calls_active") > 0:
-                    time.sleep(0.5)
-                    final = tc.scrape(base)
-                time.sleep(1.0)
-                final = tc.scrape(base)
-                gw.stop(timeout=60)
-                peer.stop()
+                measured = tc.measure_window(
+                    gw,
+                    peer,
+                    sim,
+                    base,
+                    gw_cores,
+                    ramp_s=ramp_s,
+                    settle=args.settle,
+                    seconds=args.seconds,
+                    audio_s=audio_s,
+                )
         finally:
-            if scraper is not None:
-                scraper.stop()
             for child in reversed(children):
                 child.stop(timeout=10)
 
-    in_window = [p for p in procs if p.at >= window_at - 0.5]
-    if len(in_window) < 2:
-        in_window = procs[-2:]
-    p0, p1 = in_window[0], in_window[-1]
-    wall = max(p1.at - p0.at, 1e-3)
-    gw_cpu = (p1.gw_cpu - p0.gw_cpu) / wall
-    load_cpu = (p1.load_cpu - p0.load_cpu) / wall
-    steady_rss = statistics.median(p.rss_kib for p in in_window)
-    core_other = sum((p1.cores[c] - p0.cores[c]) / wall for c in gw_cores) - gw_cpu
-    usable = [
-        sc
-        for sc in scraper.scrapes
-        if sc.at - sc.took >= window_at - 0.5 and sc.at <= window_end + 0.5
-    ]
-    m0, m1 = (usable[0], usable[-1]) if len(usable) >= 2 else (None, None)
+    baseline, final, base_proc = measured.baseline, measured.final, measured.base_proc
+    hwm, sim_result = measured.hwm_kib, measured.sim_result
+    f = tc.window_figures(measured, gw_cores)
+    wall, gw_cpu, load_cpu, steady_rss = f.wall, f.gw_cpu, f.load_cpu, f.steady_rss
+    core_other, m0, m1 = f.core_other, f.m0, f.m1
     send_delay = tc.histogram_delta(m0, m1, "callgate_stt_send_delay_seconds") if m0 and m1 else []
     packet_delay = (
         tc.histogram_delta(m0, m1, "callgate_siprec_packet_delay_seconds") if m0 and m1 else []
@@ -436,13 +394,7 @@ def run_one(
     )
 
     def labelled(name: str, key: str) -> dict[str, int]:
-        before = baseline.series(name)
-        out: dict[str, int] = {}
-        for lab, v in final.series(name).items():
-            d = int(v - before.get(lab, 0.0))
-            if d:
-                out[dict(lab).get(key, "?")] = out.get(dict(lab).get(key, "?"), 0) + d
-        return out
+        return tc.labelled_delta(baseline, final, name, key)
 
     # Call i plays audio_s - i * stagger seconds (the staggered calls end together).
     stagger = ramp_s / n
@@ -472,7 +424,7 @@ def run_one(
         "send_delay_ms_p50": tc.ms(tc.quantile(send_delay, 0.5)),
         "send_delay_ms_p99": tc.ms(tc.quantile(send_delay, 0.99)),
         "metrics_response_ms_max": round(
-            1000 * max((sc.took for sc in scraper.scrapes), default=0), 1
+            1000 * max((sc.took for sc in measured.scrapes), default=0), 1
         ),
         "simulator": sim_result,
         "calls_finished": labelled("callgate_calls_ended_total", "outcome"),

@@ -457,6 +457,131 @@ class Scraper:
         self._thread.join(70)
 
 
+@dataclass
+class Measured:
+    """One run of the other benches' timeline (:func:`measure_window`)."""
+
+    baseline: Scrape
+    final: Scrape
+    base_proc: ProcSample
+    procs: list[ProcSample]
+    scrapes: list[Scrape]
+    window: tuple[float, float]
+    hwm_kib: int
+    sim_result: dict[str, Any]
+
+
+@dataclass
+class WindowFigures:
+    """The gateway over the window, from :class:`Measured` (:func:`window_figures`)."""
+
+    wall: float
+    gw_cpu: float
+    load_cpu: float
+    steady_rss: float
+    core_other: float
+    m0: Scrape | None
+    m1: Scrape | None
+
+
+def measure_window(
+    gw: Child,
+    peer: Child,
+    sim: Child,
+    base: str,
+    gw_cores: set[int],
+    *,
+    ramp_s: float,
+    settle: float,
+    seconds: float,
+    audio_s: float,
+) -> Measured:
+    """After the simulator's warm-up call: take the baseline, say "go", sample /proc every
+    second over the window while /metrics is scraped from a thread (a saturated gateway
+    answers late, and that must not hold up the sampling), read the simulator's result, let
+    the calls end, then stop the gateway and the peer."""
+    warm = json.loads(sim.readline(60, "warm-up call"))
+    if not warm["warm"]:
+        raise RuntimeError(f"the warm-up call did not complete: {warm}")
+    time.sleep(2.0)
+    pin(gw.proc.pid, gw_cores)
+    load_pids = [peer.proc.pid, sim.proc.pid, os.getpid()]
+
+    def sample() -> ProcSample:
+        return ProcSample(
+            time.monotonic(),
+            cpu_s(gw.proc.pid),
+            sum(cpu_s(p) for p in load_pids),
+            mem_kib(gw.proc.pid, "VmRSS"),
+            core_busy_s(),
+        )
+
+    baseline = scrape(base)
+    base_proc = sample()
+    scraper = Scraper(base)
+    try:
+        sim.send("go\n")
+        go = time.monotonic()
+        window_at = go + ramp_s + settle
+        window_end = window_at + seconds
+        procs = [sample()]
+        while (now := time.monotonic()) < window_end:
+            time.sleep(min(1.0, window_end - now))
+            procs.append(sample())
+        hwm = mem_kib(gw.proc.pid, "VmHWM")
+        sim_result = json.loads(sim.readline(audio_s + 180, "simulation result"))
+    finally:
+        scraper.stop()
+    deadline = time.monotonic() + 120
+    final = scrape(base)
+    while time.monotonic() < deadline and final.value("callgate_calls_active") > 0:
+        time.sleep(0.5)
+        final = scrape(base)
+    time.sleep(1.0)
+    final = scrape(base)
+    gw.stop(timeout=60)
+    peer.stop()
+    return Measured(
+        baseline, final, base_proc, procs, scraper.scrapes, (window_at, window_end), hwm, sim_result
+    )
+
+
+def window_figures(m: Measured, gw_cores: set[int]) -> WindowFigures:
+    window_at, window_end = m.window
+    in_window = [p for p in m.procs if p.at >= window_at - 0.5]
+    if len(in_window) < 2:
+        in_window = m.procs[-2:]
+    p0, p1 = in_window[0], in_window[-1]
+    wall = max(p1.at - p0.at, 1e-3)
+    gw_cpu = (p1.gw_cpu - p0.gw_cpu) / wall
+    # Scrapes begun in the window and answered by its end (a late gateway answers none).
+    usable = [
+        sc for sc in m.scrapes if sc.at - sc.took >= window_at - 0.5 and sc.at <= window_end + 0.5
+    ]
+    m0, m1 = (usable[0], usable[-1]) if len(usable) >= 2 else (None, None)
+    return WindowFigures(
+        wall=wall,
+        gw_cpu=gw_cpu,
+        load_cpu=(p1.load_cpu - p0.load_cpu) / wall,
+        steady_rss=statistics.median(p.rss_kib for p in in_window),
+        core_other=sum((p1.cores[c] - p0.cores[c]) / wall for c in gw_cores) - gw_cpu,
+        m0=m0,
+        m1=m1,
+    )
+
+
+def labelled_delta(before: Scrape, after: Scrape, name: str, key: str) -> dict[str, int]:
+    """How much counter ``name`` grew between two scrapes, summed by its label ``key``."""
+    start = before.series(name)
+    out: dict[str, int] = {}
+    for lab, v in after.series(name).items():
+        d = int(v - start.get(lab, 0.0))
+        if d:
+            value = dict(lab).get(key, "?")
+            out[value] = out.get(value, 0) + d
+    return out
+
+
 def run_one(
     n: int, args: argparse.Namespace, gw_cores: set[int], load_cores: set[int]
 ) -> dict[str, Any]:
