@@ -68,7 +68,7 @@ from gateway.ingress.siprec.dialog import (
 )
 from gateway.ingress.siprec.message import ParseError, ParseResult, SipRequest
 from gateway.ingress.siprec.participants import RolePolicy
-from gateway.ingress.siprec.rtp import CallMedia, StreamConfig
+from gateway.ingress.siprec.rtp import CallMedia
 from gateway.ingress.siprec.rtp_ports import MAX_READS, RECV_BYTES, RtpPorts
 from gateway.ingress.siprec.transport import SipTransports, tls_context
 from gateway.ingress.ws_shell import call_options
@@ -176,7 +176,6 @@ class _SipCall:
         self.live = live
         self.link = _Link(self)
         self.media: CallMedia | None = None
-        self.configs: dict[int, StreamConfig] = {}
         self.streams: dict[int, _Stream] = {}  # by local port
         # Events to apply, with their arrival time; None ends the call (BYE, ACK timeout).
         self.queue: deque[tuple[IngressEvent | None, float]] = deque()
@@ -209,14 +208,12 @@ class _SipCall:
                 window_ms=conf.jitter_window_ms,
                 max_delay_s=conf.jitter_max_delay_ms / 1000,
             )
-            self.configs = configs
         else:
             for channel, config in configs.items():
                 receiver = self.media.receivers.get(channel)
-                if receiver is None or self.configs.get(channel) in (None, config):
+                if receiver is None or receiver.config == config:
                     continue
                 receiver.reconfigure(config)  # the dialog keeps channel and clock rate
-                self.configs[channel] = config
                 log.info(
                     "siprec.stream_changed",
                     sip_call_id=self.sip_call_id,
