@@ -12,8 +12,9 @@ import asyncio
 import math
 import os
 import sys
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from gateway.ingress.twilio import DIALECTS, Dialect, Track
@@ -250,15 +251,48 @@ def _options(
         raise UsageError(str(exc)) from None
 
 
+def close_outcome(rejected_status: int | None, error: str | None, how: str, completed: bool) -> str:
+    """How a simulated call ended, for its summary line (``how``: the close code and reason)."""
+    if rejected_status is not None:
+        return f"rejected (HTTP {rejected_status})"
+    if error is not None:
+        return f"failed ({error})"
+    return f"{'completed' if completed else 'closed early'} ({how})"
+
+
+class _Finished(Protocol):
+    @property
+    def completed(self) -> bool: ...
+
+
+R = TypeVar("R", bound=_Finished)
+
+
+def report(play: Coroutine[Any, Any, Sequence[R]], file: Path, describe: Callable[[R], str]) -> int:
+    """Run the simulated calls and print one line each; 0 when every call completed, else 1.
+
+    An audio file the simulator cannot read, or options that do not fit it, raise
+    :class:`gateway.cli.UsageError`.
+    """
+    from gateway.cli import UsageError
+    from gateway.ingress.file import FileSourceError
+
+    try:
+        results = asyncio.run(play)
+    except FileSourceError as exc:
+        raise UsageError(f"{file}: {exc}") from None
+    except ValueError as exc:  # options that do not fit the audio (a redirect past its end)
+        raise UsageError(str(exc)) from None
+    for result in results:
+        print(describe(result))
+    sys.stdout.flush()
+    return 0 if all(r.completed for r in results) else 1
+
+
 def describe(result: SimulationResult) -> str:
     """One summary line for a finished call."""
-    if result.rejected_status is not None:
-        outcome = f"rejected (HTTP {result.rejected_status})"
-    elif result.error is not None:
-        outcome = f"failed ({result.error})"
-    else:
-        how = f"{result.close_code} {result.close_reason}".strip()
-        outcome = f"{'completed' if result.completed else 'closed early'} ({how})"
+    how = f"{result.close_code} {result.close_reason}".strip()
+    outcome = close_outcome(result.rejected_status, result.error, how, result.completed)
     return (
         f"{result.call_sid} {outcome} streams={len(result.stream_sids)} "
         f"frames={result.frames_sent} audio={result.audio_ms / 1000:.2f}s "
@@ -305,22 +339,7 @@ def _run_twilio(args: argparse.Namespace) -> int:
     token = args.auth_token
     if token is None:
         token = os.environ.get(f"GATEWAY_{options.dialect.upper()}__AUTH_TOKEN") or None
-    try:
-        results = asyncio.run(
-            simulate_calls(
-                args.calls,
-                url,
-                args.file,
-                options,
-                auth_token=token,
-                stagger_s=args.stagger,
-            )
-        )
-    except FileSourceError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    except ValueError as exc:  # options that do not fit the audio (a redirect past its end)
-        raise UsageError(str(exc)) from None
-    for result in results:
-        print(describe(result))
-    sys.stdout.flush()
-    return 0 if all(r.completed for r in results) else 1
+    play = simulate_calls(
+        args.calls, url, args.file, options, auth_token=token, stagger_s=args.stagger
+    )
+    return report(play, args.file, describe)

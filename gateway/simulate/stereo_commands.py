@@ -10,14 +10,13 @@ gateway needs no flags: ``GATEWAY_AUDIOHOOK__API_KEYS`` (first entry, ``KEY:SECR
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
-import sys
 from urllib.parse import urlsplit
 
 from gateway.simulate.audiohook import AudioHookOptions, AudioHookResult, simulate_audiohook_calls
+from gateway.simulate.cli import close_outcome, report
 from gateway.simulate.stereo_ws import StereoWsOptions, StereoWsResult, simulate_stereo_ws_calls
 
 MAX_CALLS = 5000
@@ -79,14 +78,10 @@ def _audiohook_key(args: argparse.Namespace) -> tuple[str, str]:
 
 def describe_audiohook(r: AudioHookResult) -> str:
     """One summary line for a finished AudioHook session."""
-    if r.rejected_status is not None:
-        outcome = f"rejected (HTTP {r.rejected_status})"
-    elif r.error is not None:
-        outcome = f"failed ({r.error})"
-    elif r.disconnect is not None:
+    if r.disconnect is not None and r.rejected_status is None and r.error is None:
         outcome = f"disconnected ({r.disconnect}: {r.disconnect_info or ''})"
     else:
-        outcome = f"{'completed' if r.completed else 'closed early'} ({r.close_code})"
+        outcome = close_outcome(r.rejected_status, r.error, str(r.close_code), r.completed)
     return (
         f"{r.session_id} {outcome} frames={r.frames_sent} audio={r.audio_ms / 1000:.2f}s "
         f"elapsed={r.elapsed_s:.2f}s transcripts={len(r.transcripts)}"
@@ -95,13 +90,8 @@ def describe_audiohook(r: AudioHookResult) -> str:
 
 def describe_stereo(r: StereoWsResult) -> str:
     """One summary line for a finished stereo stream."""
-    if r.rejected_status is not None:
-        outcome = f"rejected (HTTP {r.rejected_status})"
-    elif r.error is not None:
-        outcome = f"failed ({r.error})"
-    else:
-        how = f"{r.close_code} {r.close_reason}".strip()
-        outcome = f"{'completed' if r.completed else 'closed early'} ({how})"
+    how = f"{r.close_code} {r.close_reason}".strip()
+    outcome = close_outcome(r.rejected_status, r.error, how, r.completed)
     return (
         f"{r.call_sid} {outcome} subprotocol={r.subprotocol} frames={r.frames_sent} "
         f"audio={r.audio_ms / 1000:.2f}s elapsed={r.elapsed_s:.2f}s"
@@ -110,7 +100,6 @@ def describe_stereo(r: StereoWsResult) -> str:
 
 def run_audiohook(args: argparse.Namespace) -> int:
     from gateway.cli import UsageError
-    from gateway.ingress.file import FileSourceError
 
     _check_common(args)
     key, secret = _audiohook_key(args)
@@ -126,23 +115,14 @@ def run_audiohook(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        results = asyncio.run(
-            simulate_audiohook_calls(
-                args.calls, args.url, args.file, options, stagger_s=args.stagger
-            )
-        )
-    except FileSourceError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    for result in results:
-        print(describe_audiohook(result))
-    sys.stdout.flush()
-    return 0 if all(r.completed for r in results) else 1
+    play = simulate_audiohook_calls(
+        args.calls, args.url, args.file, options, stagger_s=args.stagger
+    )
+    return report(play, args.file, describe_audiohook)
 
 
 def run_stereo_ws(args: argparse.Namespace) -> int:
     from gateway.cli import UsageError
-    from gateway.ingress.file import FileSourceError
 
     _check_common(args)
     password = args.password
@@ -164,15 +144,7 @@ def run_stereo_ws(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        results = asyncio.run(
-            simulate_stereo_ws_calls(
-                args.calls, args.url, args.file, options, stagger_s=args.stagger
-            )
-        )
-    except FileSourceError as exc:
-        raise UsageError(f"{args.file}: {exc}") from None
-    for result in results:
-        print(describe_stereo(result))
-    sys.stdout.flush()
-    return 0 if all(r.completed for r in results) else 1
+    play = simulate_stereo_ws_calls(
+        args.calls, args.url, args.file, options, stagger_s=args.stagger
+    )
+    return report(play, args.file, describe_stereo)
