@@ -182,6 +182,7 @@ def test_turn_defaults_floats_and_extras() -> None:
         '{"type":"Turn","turn_order":"1"}',
         '{"type":"Turn","turn_order":1.5}',
         '{"type":"Turn","turn_order":true}',
+        '{"type":"Turn","turn_order":-1}',
         '{"type":"Turn","turn_order":1,"end_of_turn":"yes"}',
         '{"type":"Turn","turn_order":1,"words":{}}',
         '{"type":"Turn","turn_order":1,"words":[1]}',

@@ -227,3 +227,26 @@ def test_released_utterances_are_kept_exactly() -> None:
     sent = [r.utterance for r in released(out)]
     assert len(sent) == 3 and m.released_count == 3
     assert m.utterances == tuple(sent)
+
+
+def test_released_utterances_keep_joined_turns_and_speaker_changes() -> None:
+    """Utterances of several joined turns, of a reconnect's new epoch and from before and after
+    a participant change come back exactly, each with its own words, turns and speaker."""
+    m = TurnMerger(CHANNELS, join_same_speaker=True, max_join_gap_ms=300)
+    out = [*m.update(turn(0, 0, 0, 400, "good morning")), *m.update(turn(0, 1, 600, 900, "hi"))]
+    out += m.update(turn(1, 0, 1000, 1500, "hello how can I help"))
+    out += [*m.watermark(0, 1900), *m.watermark(1, 1900)]
+    assert len(released(out)) == 2  # both utterances settled before the change
+    m.set_channels([ChannelInfo(0, "customer", "Diane Smith")])
+    out += m.update(turn(0, 0, 2000, 2400, "my order", epoch=1))
+    out += [*m.update(turn(1, 1, 3000, 3200, "sure")), *m.close()]
+    sent = [r.utterance for r in released(out)]
+    assert [(u.speaker, len(u.turns), len(u.words)) for u in sent] == [
+        ("Diane", 2, 3),
+        ("agent", 1, 5),
+        ("Diane Smith", 1, 2),
+        ("agent", 1, 1),
+    ]
+    assert sent[2].turns[0].epoch == 1
+    assert m.utterances == tuple(sent)
+    assert [m.utterances[i] for i in range(4)] == sent

@@ -29,6 +29,7 @@ from typing import Any
 
 from gateway.calls.call import Call
 from gateway.transcript.model import TurnUpdate, Utterance, Word
+from gateway.transcript.turn_set import TurnSet
 
 EVENT_TYPES = (
     "call.started",
@@ -88,6 +89,12 @@ class CallEvent:
 
 def turn_key(channel: int, epoch: int, turn_order: int) -> str:
     return f"{channel}:{epoch}:{turn_order}"
+
+
+def _split_turn_key(key: str) -> tuple[tuple[int, int], int]:
+    """``"channel:epoch:turn_order"`` as the ((channel, epoch), turn_order) of a TurnSet."""
+    channel, epoch, order = key.split(":")
+    return (int(channel), int(epoch)), int(order)
 
 
 def _words(words: tuple[Word, ...]) -> list[dict[str, Any]]:
@@ -176,7 +183,7 @@ class EventLog:
         # Events older than the newest keep_full are kept as JSON text only (CallEvent.slim).
         self._keep_full = keep_full
         self._next = next_seq
-        self._finals: set[str] = set()
+        self._finals = TurnSet()
         self.dropped_partials = 0
         self.closed = False
 
@@ -201,13 +208,14 @@ class EventLog:
             raise ValueError(f"call {self.call_id}: event log is closed")
         if type_ in ("turn.partial", "turn.final"):
             key = data["key"]
-            if key in self._finals:
+            stream, order = _split_turn_key(key)
+            if self._finals.contains(stream, order):
                 self.dropped_partials += type_ == "turn.partial"
                 if type_ == "turn.partial":
                     return None
                 raise ValueError(f"call {self.call_id}: second final for turn {key}")
             if type_ == "turn.final":
-                self._finals.add(key)
+                self._finals.add(stream, order)
         event = CallEvent(self.call_id, self._next, type_, time.time() if at is None else at, data)
         self._next += 1
         self._events.append(event)
@@ -225,7 +233,7 @@ class EventLog:
         self._events.append(event)
         self._next = event.seq + 1
         if event.type == "turn.final":
-            self._finals.add(event.data["key"])
+            self._finals.add(*_split_turn_key(event.data["key"]))
         if event.type == "call.ended":
             self.closed = True
 
@@ -257,7 +265,12 @@ class EventLog:
         """
         cut = max(0, len(self._events) - keep_last)
         old = self._events[:cut]
-        kept = [e for e in old if not (e.type == "turn.partial" and e.data["key"] in self._finals)]
+        finals = self._finals
+        kept = [
+            e
+            for e in old
+            if not (e.type == "turn.partial" and finals.contains(*_split_turn_key(e.data["key"])))
+        ]
         dropped = len(old) - len(kept)
         if dropped:
             self._events = kept + self._events[cut:]

@@ -10,8 +10,9 @@ Tolerance rules (the service adds message types and fields over time):
 * unknown server message types parse to :class:`UnknownMessage`, unknown fields are ignored;
 * numbers may arrive as int or float; a missing optional field gets its default;
 * :class:`ProtocolError` is raised only for input that is not a JSON object, or for a *known*
-  message whose fields have the wrong JSON type (or a ``Turn`` without ``turn_order``): a message
-  that claims to be a ``Turn`` but cannot be read as one is a broken peer, not a newer one.
+  message whose fields have the wrong JSON type (or a ``Turn`` without a ``turn_order`` >= 0):
+  a message that claims to be a ``Turn`` but cannot be read as one is a broken peer, not a newer
+  one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from datetime import UTC, datetime
 from enum import Enum, IntEnum, StrEnum
 from typing import Any, TypeAlias
 from urllib.parse import urlencode
+
+from gateway.transcript.turn_set import TurnSet
 
 __all__ = [
     "Begin",
@@ -272,6 +275,8 @@ def _parse_turn(obj: dict[str, Any]) -> Turn:
     order = _opt_int(obj, "turn_order")
     if order is None:
         raise ProtocolError("Turn without turn_order")
+    if order < 0:
+        raise ProtocolError(f"turn_order {order} is negative")
     words = obj.get("words")
     if words is None:
         words = []
@@ -869,7 +874,7 @@ class TurnTracker:
 
     def __init__(self, format_turns_requested: bool) -> None:
         self.format_turns_requested = format_turns_requested
-        self._finalized: set[int] = set()
+        self._finalized = TurnSet()
         self._held: dict[int, Turn] = {}
         self._highest_ended = -1
 
@@ -885,7 +890,7 @@ class TurnTracker:
         events: list[TurnEvent] = [
             self._finalize(self._held[k]) for k in sorted(self._held) if k < order
         ]
-        if order in self._finalized:
+        if self._finalized.contains(None, order):
             return events
         if not turn.end_of_turn:
             if order > self._highest_ended:
@@ -905,7 +910,7 @@ class TurnTracker:
 
     def _finalize(self, turn: Turn) -> FinalTurn:
         self._held.pop(turn.turn_order, None)
-        self._finalized.add(turn.turn_order)
+        self._finalized.add(None, turn.turn_order)
         return FinalTurn(turn)
 
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.transcript.model import ChannelInfo, TurnKey, TurnUpdate, Utterance, Word
+from gateway.transcript.turn_set import TurnSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,52 +56,91 @@ class MergerStats:
 _SEP = "\x1f"  # ASCII unit separator: between packed word texts (never in recognized text)
 
 
-class _PackedUtterance:
-    """A released utterance in a compact form (~30 bytes a word instead of ~200 as Word
-    objects): a long call keeps every utterance until it ends, for its transcript."""
+class _ReleasedUtterances:
+    """Every released utterance of a call, column by column: numbers in a few arrays, one string
+    per utterance for its text and one for its words' texts. A long call keeps all of them until
+    it ends, for its transcript; as objects (an Utterance, its Words and TurnKeys) they cost
+    about 200 bytes a word and 300 an utterance, here about 24 and 100."""
 
     __slots__ = (
-        "channel",
-        "speaker",
-        "role",
-        "start",
-        "end",
-        "text",
-        "confidence",
+        "_ints",
+        "_confidence",
+        "_texts",
         "_words",
         "_times",
-        "_confidences",
-        "turns",
+        "_word_conf",
+        "_turns",
+        "_speakers",
     )
 
-    def __init__(self, u: Utterance) -> None:
-        self.channel, self.speaker, self.role = u.channel, u.speaker, u.role
-        self.start, self.end, self.text, self.confidence = u.start, u.end, u.text, u.confidence
-        self.turns = u.turns
-        texts = tuple(w.text for w in u.words)
-        # One string for all the words' texts, unless one of them holds the separator.
-        packed = len(texts) > 0 and not any(_SEP in t for t in texts)
-        self._words: str | tuple[str, ...] = _SEP.join(texts) if packed else texts
-        self._times = array("q", [int(t) for w in u.words for t in (w.start, w.end)])
-        self._confidences = array("d", [w.confidence for w in u.words])
+    _STRIDE = 6  # channel, start, end, words end, turns end, speaker index
 
-    def unpack(self) -> Utterance:
-        texts = self._words.split(_SEP) if isinstance(self._words, str) else self._words
-        times, confidences = self._times, self._confidences
-        words = tuple(
-            Word(text, times[2 * i], times[2 * i + 1], confidences[i])
-            for i, text in enumerate(texts)
+    def __init__(self) -> None:
+        self._ints = array("q")
+        self._confidence = array("d")
+        self._texts: list[str] = []
+        # Per utterance: its words' texts joined by _SEP, or a tuple when there are none or one
+        # holds _SEP.
+        self._words: list[str | tuple[str, ...]] = []
+        self._times = array("q")  # start, end per word
+        self._word_conf = array("d")
+        self._turns = array("q")  # channel, epoch, turn_order per turn
+        self._speakers: list[tuple[str, str]] = []  # (speaker, role), each distinct pair once
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def append(self, u: Utterance) -> None:
+        pair = (u.speaker, u.role)
+        try:
+            speaker = self._speakers.index(pair)  # a handful of pairs per call
+        except ValueError:
+            speaker = len(self._speakers)
+            self._speakers.append(pair)
+        texts = tuple(w.text for w in u.words)
+        packed = len(texts) > 0 and not any(_SEP in t for t in texts)
+        self._words.append(_SEP.join(texts) if packed else texts)
+        for w in u.words:
+            self._times.append(int(w.start))
+            self._times.append(int(w.end))
+            self._word_conf.append(w.confidence)
+        for k in u.turns:
+            self._turns.extend((k.channel, k.epoch, k.turn_order))
+        self._ints.extend(
+            (u.channel, u.start, u.end, len(self._word_conf), len(self._turns) // 3, speaker)
         )
+        self._confidence.append(u.confidence)
+        self._texts.append(u.text)
+
+    def __getitem__(self, i: int) -> Utterance:
+        n = self._STRIDE
+        ints = self._ints
+        channel, start, end, words_end, turns_end, speaker = ints[i * n : i * n + n]
+        words_start = ints[i * n - 3] if i else 0
+        turns_start = ints[i * n - 2] if i else 0
+        packed = self._words[i]
+        texts = packed.split(_SEP) if isinstance(packed, str) else packed
+        times, conf = self._times, self._word_conf
+        words = tuple(
+            Word(text, times[2 * j], times[2 * j + 1], conf[j])
+            for j, text in zip(range(words_start, words_end), texts, strict=True)
+        )
+        turns = self._turns
+        keys = tuple(
+            TurnKey(turns[3 * j], turns[3 * j + 1], turns[3 * j + 2])
+            for j in range(turns_start, turns_end)
+        )
+        name, role = self._speakers[speaker]
         return Utterance(
-            channel=self.channel,
-            speaker=self.speaker,
-            role=self.role,
-            start=self.start,
-            end=self.end,
-            text=self.text,
-            confidence=self.confidence,
+            channel=channel,
+            speaker=name,
+            role=role,
+            start=start,
+            end=end,
+            text=self._texts[i],
+            confidence=self._confidence[i],
             words=words,
-            turns=self.turns,
+            turns=keys,
         )
 
 
@@ -128,11 +168,11 @@ class TurnMerger:
         self._join = join_same_speaker
         self._max_gap = max_join_gap_ms
         self._watermarks: dict[int, float] = {c.index: 0 for c in channels}
-        self._finals: set[TurnKey] = set()
+        self._finals = TurnSet()
         self._partials: dict[TurnKey, TurnUpdate] = {}
         self._pending: list[tuple[int, int, int, int, int, TurnUpdate]] = []
         self._open: _OpenUtterance | None = None
-        self._released: list[_PackedUtterance] = []
+        self._released = _ReleasedUtterances()
         self._last_released_start = -1
         self._closed = False
         self.stats = MergerStats()
@@ -145,7 +185,7 @@ class TurnMerger:
         if u.channel not in self._channels:
             self._channels[u.channel] = ChannelInfo(u.channel, f"channel{u.channel}")
             self._watermarks[u.channel] = math.inf if self._closed else 0
-        if key in self._finals:
+        if self._finals.contains((u.channel, u.epoch), u.turn_order):
             if u.final:
                 self.stats.duplicate_finals += 1
             else:
@@ -156,7 +196,7 @@ class TurnMerger:
                 return []
             self._partials[key] = u
             return [TurnDelta(u)]
-        self._finals.add(key)
+        self._finals.add((u.channel, u.epoch), u.turn_order)
         self._partials.pop(key, None)
         out: list[MergerOutput] = [TurnDelta(u)]
         if u.text.strip() or u.words:
@@ -196,7 +236,8 @@ class TurnMerger:
     @property
     def utterances(self) -> tuple[Utterance, ...]:
         """Utterances released so far, in order (rebuilt from their packed form per call)."""
-        return tuple(p.unpack() for p in self._released)
+        released = self._released
+        return tuple(released[i] for i in range(len(released)))
 
     @property
     def released_count(self) -> int:
@@ -255,7 +296,7 @@ class TurnMerger:
         assert cur is not None
         self._open = None
         utt = self._build(cur.channel, cur.turns)
-        self._released.append(_PackedUtterance(utt))
+        self._released.append(utt)
         return UtteranceReleased(len(self._released) - 1, utt)
 
     def _build(self, channel: int, turns: list[TurnUpdate]) -> Utterance:
