@@ -190,9 +190,11 @@ class Dialog:
         ports: Sequence[int] = (30000, 30002),
         direction: str = "sendonly",
         codec: Codec = Codec.PCMU,
+        metadata: str | None = None,
     ) -> bytes:
         self.cseq += 1
-        content_type, body = multipart(sdp_offer(ports, direction=direction, codec=codec), None)
+        sdp = sdp_offer(ports, direction=direction, codec=codec)
+        content_type, body = multipart(sdp, metadata)
         return self.request("INVITE", body=body, content_type=content_type)
 
     def ack(self, cseq: int | None = None) -> bytes:

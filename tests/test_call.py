@@ -25,6 +25,7 @@ from gateway.ingress.events import (
     Audio,
     CallEnded,
     CallStarted,
+    ChannelAdded,
     ChannelSpec,
     Gap,
     Hold,
@@ -72,9 +73,11 @@ class ScriptedSession:
         self._queue.put_nowait(Watermark(self.params.channel, self._watermark()))
 
     def _watermark(self) -> int:
-        return self._script[0][0] if self._script else self.sent_ms
+        return self.params.offset_ms + (self._script[0][0] if self._script else self.sent_ms)
 
     def _emit(self, start: int, end: int, text: str) -> None:
+        # Scripted times are on the session's own audio; its offset puts them on the call clock.
+        start, end = start + self.params.offset_ms, end + self.params.offset_ms
         words = tuple(Word(w, start, end) for w in text.split())
         self._queue.put_nowait(
             TurnUpdate(self.params.channel, 0, self._order, words, text, start, end, True, 0.9)
@@ -321,3 +324,55 @@ async def test_abort_closes_sessions_and_cancels_readers() -> None:
     assert all(s.closed for s in engine.sessions.values())
     await call.end()  # idempotent after abort
     assert call.state is CallState.FAILED
+
+
+async def test_a_leg_added_mid_call_starts_at_the_call_time_reached() -> None:
+    """A third leg joining after 2 s (a SIPREC re-INVITE adding a stream) gets an STT session
+    offset to 2 s and no silence before it; its turns land in call-time order among the
+    others', under its own speaker; audio placed before it joined is dropped as late."""
+    engine = ScriptedEngine(
+        scripts={
+            0: [(100, 900, "customer first"), (2400, 2800, "customer again")],
+            1: [(1200, 1800, "agent next")],
+            2: [(200, 600, "supervisor joins")],  # on its own session: call time 2200-2600
+        }
+    )
+    call = Call(engine, CallOptions(join_same_speaker=False, max_channels=3))
+    out = collect(call)
+    await call.handle(started())
+    for i in range(100):
+        await call.handle(Audio(0, tone(FRAME, 1), i * FRAME))
+        await call.handle(Audio(1, tone(FRAME, 1), i * FRAME))
+    supervisor = ChannelSpec(2, "supervisor", "Sam", Codec.L16, RATE)
+    await call.handle(ChannelAdded(supervisor, {"x": "y"}))
+    assert [o for o in out if isinstance(o, CallUpdated)] == [CallUpdated("channel_added", 2)]
+    assert engine.sessions[2].params.offset_ms == 2000 and call.metadata["x"] == "y"
+    await call.handle(Audio(2, tone(FRAME, 1), 50 * FRAME))  # from before it joined: late
+    for i in range(100, 150):
+        for channel in range(3):
+            await call.handle(Audio(channel, tone(FRAME, 1), i * FRAME))
+    await call.handle(CallEnded())
+    assert len(engine.sessions[2].audio) == 50 * FRAME * 2  # 1 s, nothing before it joined
+    assert call.channels[2].clock.late_frames == 1
+    assert call.channels[2].duration_ms == call.channels[0].duration_ms == 3000
+    utterances = call.transcript().utterances
+    assert [(u.speaker, u.start) for u in utterances] == [
+        ("customer", 100),
+        ("agent", 1200),
+        ("Sam", 2200),
+        ("customer", 2400),
+    ]
+    assert [c.speaker for c in call.transcript().channels] == ["customer", "agent", "Sam"]
+
+
+async def test_an_added_leg_is_refused_when_it_exists_or_is_one_too_many() -> None:
+    call = Call(ScriptedEngine(), CallOptions(max_channels=3))
+    with pytest.raises(CallError, match="is new"):
+        await call.handle(ChannelAdded(ChannelSpec(2, "x")))
+    await call.handle(started())
+    with pytest.raises(CallError, match="already exists"):
+        await call.handle(ChannelAdded(ChannelSpec(1, "x")))
+    await call.handle(ChannelAdded(ChannelSpec(2, "x")))
+    with pytest.raises(CallError, match="limit of 3"):
+        await call.handle(ChannelAdded(ChannelSpec(3, "x")))
+    await call.handle(CallEnded())

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.ingress.events import CallEnded, CallStarted, Hold, MetadataChanged, Resume
+from gateway.ingress.events import (
+    CallEnded,
+    CallStarted,
+    ChannelAdded,
+    Hold,
+    MetadataChanged,
+    Resume,
+)
 from gateway.ingress.siprec.auth import DigestAuth, digest_response
 from gateway.ingress.siprec.dialog import (
     CallEvent,
@@ -509,3 +516,70 @@ def test_reinvite_may_change_the_codec_but_not_the_clock_rate() -> None:
     assert [(s.config.channel, s.config.codec, s.config.payload_type) for s in plan.streams] == [
         (0, Codec.PCMA, 8)
     ]
+
+
+CONFERENCE_MLINE = (
+    b"m=audio 10296 RTP/AVP 0 101\r\nc=IN IP4 172.31.93.236\r\na=rtpmap:0 PCMU/8000\r\n"
+    b"a=rtpmap:101 telephone-event/8000\r\na=sendonly\r\na=label:3\r\n"
+)
+CONFERENCE_METADATA = (
+    b'<participant participant_id="sup"><nameID aor="sip:7302@35.162.237.204">'
+    b"<name>Sam Supervisor</name></nameID></participant>"
+    b'<stream stream_id="s3" session_id="kQNhKFdEEeeJ9tD/VsPGWA=="><label>3</label></stream>'
+    b'<participantstreamassoc participant_id="sup"><send>s3</send></participantstreamassoc>'
+)
+
+
+def conference_body(body: bytes) -> bytes:
+    """The Cisco offer with a third leg (m-line 3, label 3, sent by a new participant)."""
+    sdp_end = body.index(b"\r\n--uniqueBoundary", body.index(b"a=label:2"))
+    body = body[:sdp_end] + b"\r\n" + CONFERENCE_MLINE.rstrip(b"\r\n") + body[sdp_end:]
+    return body.replace(b"</recording>", CONFERENCE_METADATA + b"</recording>")
+
+
+def test_reinvite_adding_an_mline_adds_a_channel() -> None:
+    """A conference: the re-INVITE appends a third m-line. It gets a port of its own in the
+    answer and the plan, and the call a ChannelAdded with the new participant; the next
+    re-INVITE with the same three m-lines changes nothing."""
+    srv, ports = server()
+    ok = establish(srv)
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    body = body.replace(b"\n", b"\r\n") if b"\r\n" not in body else body
+    three = conference_body(body)
+    out = deliver(srv, in_dialog("INVITE", ok, 2, body=three, content_type=content_type), 5.0)
+    answer = sent(out)[-1]
+    assert answer.status == 200
+    sdp = parse_sdp(answer.body)
+    assert [m.port for m in sdp.media] == [40000, 40002, 40004]
+    assert [sdp.direction_of(i) for i in range(3)] == ["recvonly"] * 3
+    (added,) = events(out)
+    assert isinstance(added, ChannelAdded)
+    assert (added.channel.index, added.channel.participant) == (2, "Sam Supervisor")
+    assert (added.channel.codec, added.channel.sample_rate) == (Codec.PCMU, 8000)
+    assert added.metadata["siprec.channel.2.aor"] == "sip:7302@35.162.237.204"
+    (plan,) = [o for o in out if isinstance(o, MediaPlan)]
+    assert [(s.config.channel, s.local_port) for s in plan.streams] == [
+        (0, 40000),
+        (1, 40002),
+        (2, 40004),
+    ]
+    assert ports.owned[CALL] == [40004]  # the new allocation (the fake keeps the latest)
+    again = deliver(srv, in_dialog("INVITE", ok, 3, body=three, content_type=content_type), 6.0)
+    assert events(again) == []
+    assert [m.port for m in parse_sdp(sent(again)[-1].body).media] == [40000, 40002, 40004]
+
+
+def test_an_added_mline_beyond_the_channel_limit_or_the_ports_is_refused() -> None:
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    body = body.replace(b"\n", b"\r\n") if b"\r\n" not in body else body
+    three = conference_body(body)
+    for srv, ports in (server(max_channels=2), server()):
+        ok = establish(srv)
+        ports.free = 0
+        out = deliver(srv, in_dialog("INVITE", ok, 2, body=three, content_type=content_type), 5)
+        answer = sent(out)[-1]
+        assert answer.status == 200
+        assert [m.port for m in parse_sdp(answer.body).media] == [40000, 40002, 0]
+        assert not any(isinstance(e, ChannelAdded) for e in events(out))
+        (plan,) = [o for o in out if isinstance(o, MediaPlan)]
+        assert [s.config.channel for s in plan.streams] == [0, 1]

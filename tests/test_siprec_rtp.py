@@ -360,3 +360,23 @@ def test_codec_change_is_transcoded_to_the_channels_codec() -> None:
     assert r.stats.unknown_payload == 0
     with pytest.raises(ValueError):
         r.reconfigure(StreamConfig(0, Codec.L16, 96, 16000))
+
+
+def test_a_stream_added_mid_call_is_placed_by_its_arrival_without_a_leading_gap() -> None:
+    """A leg that joins 1 s into the call (re-INVITE): its first packet sits at its arrival
+    on the call's epoch, and no gap from position 0 comes before it (the call's channel for it
+    begins where the call had got to, so such a gap would push its audio late)."""
+    m = media(0, 1)
+    events = play(m, [(k * 0.02, packet(k)) for k in range(50)], channel=0)
+    m.add(StreamConfig(2, Codec.PCMU, 0, 8000, PT_TE))
+    joined = play(m, [(1.0 + k * 0.02, packet(k, ssrc=0x77, ts0=9)) for k in range(5)], channel=2)
+    own = [e for e in joined if getattr(e, "channel", None) == 2]
+    assert not any(isinstance(e, Gap) for e in own)
+    first = next(e for e in own if isinstance(e, Audio))
+    assert first.timestamp == 8000 and first.payload == payload(0)
+    assert [e.timestamp for e in own if isinstance(e, Audio)] == [
+        8000 + k * FRAME for k in range(5)
+    ]
+    assert len(events) > 0
+    with pytest.raises(ValueError, match="twice"):
+        m.add(StreamConfig(2, Codec.PCMU, 0, 8000, PT_TE))

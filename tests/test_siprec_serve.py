@@ -38,6 +38,7 @@ from tests.siprec_peer import (
     answer_ports,
     establish,
     play_rtp,
+    rs_metadata,
     siprec_gateway,
     siprec_settings,
 )
@@ -230,6 +231,64 @@ async def test_reinvite_with_another_codec_keeps_the_audio(tmp_path: Path) -> No
         await client.expect(200)
         await gw.idle()
         assert gw.stored(call.call_id)["state"] == "ended"
+        client.close()
+
+
+async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -> None:
+    """A third participant joins (a conference): the re-INVITE appends an m-line and names its
+    sender. It gets its own port, its audio is transcribed from the call time it joined at,
+    under the new participant's name, and the call's two legs go on untouched."""
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        updates: list[tuple[str, int | None]] = []
+        gw.registry.add_listener(
+            lambda call, o: (
+                updates.append((o.change, o.channel)) if isinstance(o, CallUpdated) else None
+            )
+        )
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        two = [("127.0.0.1", p) for p in answer_ports(ok)]
+        await play_rtp(two, [SILENCE[:16000], SILENCE[:16000]])  # 1 s at real time
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+
+        names = (*NAMES, "Carol Supervisor")
+        aors = (*AORS, "sip:supervisor-2@pbx.example")
+        client.send(
+            dialog.reinvite((30000, 30002, 30004), metadata=rs_metadata(names, aors)), target
+        )
+        joined = await client.expect(200)
+        client.send(dialog.ack(), target)
+        ports = answer_ports(joined)
+        assert ports[:2] == answer_ports(ok) and ports[2] not in ports[:2]
+        assert joined.body.count(b"a=recvonly") == 3
+        await poll_until(lambda: ("channel_added", 2) in updates, 5)
+        added_at = call.channels[2].start * 1000 // 8000
+        assert 900 <= added_at <= 1500  # where the other legs were when it joined
+        three = [("127.0.0.1", p) for p in ports]
+        await play_rtp(three, [SILENCE, SILENCE, SILENCE])  # 2 s on every leg
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+
+        stored = gw.stored(call.call_id)
+        assert _words(stored) == {
+            0: "hello there goodbye",
+            1: "hello there goodbye",
+            2: "hello there goodbye",
+        }
+        assert [(c["index"], c["participant"]) for c in stored["channels"]] == [
+            (0, NAMES[0]),
+            (1, NAMES[1]),
+            (2, "Carol Supervisor"),
+        ]
+        (hello,) = [u for u in stored["utterances"] if u["channel"] == 2 and "hello" in u["text"]]
+        assert hello["speaker"] == "Carol Supervisor"
+        assert abs(hello["start"] - (added_at + 100)) <= 300  # its own audio's 0.1 s, on the call
+        assert stored["metadata"]["siprec.channel.2.aor"] == aors[2]
+        assert call.channels[2].clock.late_frames <= 3  # at most the jitter of its first packets
+        assert svc.ports.in_use == 0
         client.close()
 
 

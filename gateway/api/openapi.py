@@ -188,9 +188,9 @@ def _schemas() -> dict[str, Any]:
         **_call_summary_properties(),
         "change": {
             "type": "string",
-            "enum": ["metadata", "hold", "resume", "channel_failed"],
-            "description": "What changed: roles/participants/metadata, a hold, its end, or a "
-            "channel whose recognizer failed.",
+            "enum": ["metadata", "hold", "resume", "channel_failed", "channel_added"],
+            "description": "What changed: roles/participants/metadata, a hold, its end, a "
+            "channel whose recognizer failed, or a leg that joined the call (a new channel).",
         },
         "channel_failed": _obj(
             {"channel": {"type": "integer", "minimum": 0}, "reason": {"type": "string"}},

@@ -26,6 +26,7 @@ from gateway.ingress.events import (
     Audio,
     CallEnded,
     CallStarted,
+    ChannelAdded,
     ChannelSpec,
     Dtmf,
     Gap,
@@ -182,6 +183,8 @@ class Call:
             await self.end(event.reason)
         elif isinstance(event, MetadataChanged):
             self._metadata(event)
+        elif isinstance(event, ChannelAdded):
+            self._add_channel(event)
         elif isinstance(event, Hold | Resume):
             self._hold(event)
         elif isinstance(event, Dtmf):
@@ -214,30 +217,7 @@ class Call:
         )
         try:
             for spec in specs:
-                session = self.engine.open_session(
-                    SessionParams(
-                        channel=spec.index,
-                        codec=spec.codec,
-                        sample_rate=spec.sample_rate,
-                        offset_ms=0,
-                        partials=opts.partials,
-                        options=dict(opts.stt_options),
-                        call_id=self.call_id,
-                    )
-                )
-                channel = Channel(
-                    spec,
-                    session,
-                    max_jump=opts.max_timestamp_jump_s * spec.sample_rate,
-                )
-                if self._audio_taps:
-                    channel.tap = self._tap
-                self.channels[spec.index] = channel
-                task = asyncio.create_task(
-                    self._read(channel), name=f"call-{self.call_id}-ch{spec.index}"
-                )
-                self._readers.add(task)
-                task.add_done_callback(self._readers.discard)
+                self._open_channel(spec, 0)
         except BaseException:
             await self.abort("failed to open STT sessions")
             raise
@@ -249,6 +229,60 @@ class Call:
             roles=[s.role for s in specs],
             engine=self.engine.name,
         )
+
+    def _open_channel(self, spec: ChannelSpec, start: int) -> Channel:
+        """The channel's STT session and reader task, its clock beginning at sample ``start``."""
+        opts = self.options
+        session = self.engine.open_session(
+            SessionParams(
+                channel=spec.index,
+                codec=spec.codec,
+                sample_rate=spec.sample_rate,
+                offset_ms=start * 1000 // spec.sample_rate,
+                partials=opts.partials,
+                options=dict(opts.stt_options),
+                call_id=self.call_id,
+            )
+        )
+        channel = Channel(
+            spec,
+            session,
+            max_jump=opts.max_timestamp_jump_s * spec.sample_rate,
+            start=start,
+        )
+        if self._audio_taps:
+            channel.tap = self._tap
+        self.channels[spec.index] = channel
+        task = asyncio.create_task(self._read(channel), name=f"call-{self.call_id}-ch{spec.index}")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        return channel
+
+    def _add_channel(self, event: ChannelAdded) -> None:
+        """A leg joins mid-call: it begins where the call's slowest moving leg is now, on a whole
+        millisecond (so its STT offset is exact), and the merger waits for it from there."""
+        self._require(CallState.ACTIVE)
+        spec = self._with_overrides(event.channel)
+        if spec.index in self.channels:
+            raise CallError(f"call {self.call_id}: channel {spec.index} already exists")
+        if len(self.channels) >= self.options.max_channels:
+            raise CallError(
+                f"call {self.call_id}: a channel beyond the limit of {self.options.max_channels}"
+            )
+        reached = [
+            c.clock.frontier * 1000 // c.spec.sample_rate
+            for c in self.channels.values()
+            if not c.on_hold and c.failed is None
+        ]
+        # The slowest leg that is still moving (a leg on hold gets no media, so its clock
+        # stands still); a new leg's audio placed before that would be dropped as late.
+        now_ms = min(reached) if reached else self.frontier_ms
+        self._open_channel(spec, now_ms * spec.sample_rate // 1000)
+        self.metadata.update(event.metadata)
+        assert self.merger is not None
+        self.merger.add_channel(channel_info(spec), now_ms)
+        self._emit(CallUpdated("channel_added", spec.index))
+        self._log.info("call.channel_added", channel=spec.index, role=spec.role, at_ms=now_ms)
 
     def _with_overrides(self, spec: ChannelSpec) -> ChannelSpec:
         opts = self.options

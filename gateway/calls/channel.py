@@ -22,7 +22,8 @@ def channel_info(spec: ChannelSpec) -> ChannelInfo:
 
 
 class Channel:
-    """A leg of a call. ``sent`` counts samples handed to the session (== call time covered)."""
+    """A leg of a call. ``sent`` is the call time covered, in samples: ``start`` (where a leg that
+    joined a running call begins) plus the samples handed to the session."""
 
     def __init__(
         self,
@@ -31,13 +32,15 @@ class Channel:
         *,
         reorder_window: int = 0,
         max_jump: int | None = None,
+        start: int = 0,
     ) -> None:
         self.spec = spec
         self.session = session
         self.clock = ChannelClock(
-            silence(spec.codec, 1), reorder_window=reorder_window, max_jump=max_jump
+            silence(spec.codec, 1), reorder_window=reorder_window, max_jump=max_jump, start=start
         )
-        self.sent = 0
+        self.start = start
+        self.sent = start
         self._width = spec.codec.sample_width
         # When each 50 ms of call time arrived: STT latency = final's time - its end's arrival.
         self.arrivals = ArrivalLog(spec.sample_rate // 20)
@@ -76,7 +79,7 @@ class Channel:
     @property
     def received_samples(self) -> int:
         """Samples released to the session that came from the source (not gap fill)."""
-        return self.sent - self.clock.filled_samples
+        return self.sent - self.start - self.clock.filled_samples
 
     @property
     def filled_ms(self) -> int:

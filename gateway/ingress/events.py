@@ -77,8 +77,20 @@ class MetadataChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelAdded:
+    """A leg joins a running call (a SIPREC re-INVITE adding a stream for a conference or a
+    transfer). ``channel.index`` is new to the call; the channel covers call time from when it
+    is added (audio placed before that is late), its STT session starts there too."""
+
+    channel: ChannelSpec
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class CallEnded:
     reason: str = "normal"
 
 
-IngressEvent = CallStarted | Audio | Gap | Dtmf | Hold | Resume | MetadataChanged | CallEnded
+IngressEvent = (
+    CallStarted | Audio | Gap | Dtmf | Hold | Resume | MetadataChanged | ChannelAdded | CallEnded
+)

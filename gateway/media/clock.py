@@ -57,9 +57,17 @@ class ChannelClock:
     )
 
     def __init__(
-        self, silence_sample: bytes, *, reorder_window: int = 0, max_jump: int | None = None
+        self,
+        silence_sample: bytes,
+        *,
+        reorder_window: int = 0,
+        max_jump: int | None = None,
+        start: int = 0,
     ) -> None:
         """``silence_sample`` is one sample of codec silence; its length is the sample width.
+
+        ``start``: the sample the clock begins at (a leg that joins a running call); everything
+        before it counts as released, so audio placed there is late.
 
         ``reorder_window``: samples held back behind the frontier so that frames arriving out of
         order by up to that much still land in place (adds that much latency). ``max_jump``: the
@@ -71,6 +79,8 @@ class ChannelClock:
             raise ValueError(f"negative reorder_window: {reorder_window}")
         if max_jump is not None and max_jump < 0:
             raise ValueError(f"negative max_jump: {max_jump}")
+        if start < 0:
+            raise ValueError(f"negative start: {start}")
         self._silence = bytes(silence_sample)
         self._width = len(silence_sample)
         self._window = reorder_window
@@ -79,9 +89,9 @@ class ChannelClock:
         # Sorted, disjoint, non-touching [start, end) spans of pending samples written by frames.
         # Only frames inside the reorder window are pending, so this list stays short.
         self._spans: list[list[int]] = []
-        self._released = 0
-        self._frontier = 0
-        self._next = 0  # where start=None places a frame: the end of the latest pushed frame
+        self._released = start
+        self._frontier = start
+        self._next = start  # where start=None places a frame: the end of the latest pushed frame
         self._late_samples = 0
         self._late_frames = 0
         self._duplicate_frames = 0

@@ -10,7 +10,7 @@ happened. Types and their ``data``:
 ``turn.final``         a turn's one and only final (committed to the store before it is sent)
 ``transcript.utterance``  the next utterance of the ordered transcript (finals released by
                        watermark, invariant 5), with ``index`` 0, 1, 2, ...
-``call.updated``       new roles/participants or metadata (the call summary)
+``call.updated``       new roles/participants or metadata, a hold, a new leg (the call summary)
 ``call.ended``         the call summary with its final state and end reason
 =====================  =====================================================================
 

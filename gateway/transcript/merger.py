@@ -225,6 +225,12 @@ class TurnMerger:
             out.append(self._emit_open())
         return out
 
+    def add_channel(self, channel: ChannelInfo, from_ms: float) -> None:
+        """A channel joins mid-call; it will emit no final starting before ``from_ms``, so
+        finals of the others up to there are not held back for it."""
+        self._channels[channel.index] = channel
+        self._watermarks[channel.index] = math.inf if self._closed else from_ms
+
     def set_channels(self, channels: Sequence[ChannelInfo]) -> None:
         """Role/participant changes apply to utterances released from now on."""
         for c in channels:

@@ -30,10 +30,13 @@ Rules (h11 style):
 2. Access control (allowlist, then digest for out-of-dialog INVITE) runs before anything else.
 3. In-dialog requests must match Call-ID and both tags, or get 481.
 4. The SRS only receives: answers are ``recvonly`` (``inactive`` for ``inactive`` offers).
-5. A channel keeps its m-line and clock rate for the life of the call: new m-lines in a
-   re-INVITE are refused (port 0), as is an m-line offering only other clock rates. Its codec
-   may change (PCMU, PCMA, L16 at the same rate; the previous one is preferred): the RTP
-   receiver transcodes to the codec the call started with.
+5. A channel keeps its m-line and clock rate for the life of the call: an m-line offering only
+   other clock rates is refused (port 0). Its codec may change (PCMU, PCMA, L16 at the same
+   rate; the previous one is preferred): the RTP receiver transcodes to the codec the call
+   started with. A re-INVITE may add legs (a conference, a transfer): m-lines appended after
+   every recorded one become new channels (``ChannelAdded``, new ports in the answer and the
+   plan), up to ``max_channels`` and while the port range lasts; other new m-lines (one
+   re-enabling a slot refused earlier, one beyond the limit) are refused (port 0).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from typing import Protocol
 from gateway.ingress.events import (
     CallEnded,
     CallStarted,
+    ChannelAdded,
     Hold,
     IngressEvent,
     MetadataChanged,
@@ -227,6 +231,7 @@ class ServerConfig:
     t1: float = 0.5
     t2: float = 4.0
     user_agent: str = "callgate-srs"
+    max_channels: int = 8
 
 
 class DialogState(StrEnum):
@@ -689,6 +694,22 @@ class SiprecServer:
             negotiated = self._renegotiate(dialog, offer)
             if not any(negotiated):
                 return self._refuse(request, source, transport, 488, "no acceptable m-line", now)
+        recorded = dialog.channels.mlines
+        added: dict[int, int] = {}  # new m-line -> its port
+        if parts.sdp is not None:
+            added = {i: 0 for i, n in enumerate(negotiated) if n is not None and i not in recorded}
+            if added and max(recorded, default=-1) >= len(offer.media):
+                added = {}  # a recorded m-line went away: the layout stays as the call began
+        if added:
+            granted = self.ports.allocate(dialog.call_id, len(added))
+            if granted is None or len(granted) < len(added):
+                added = {}  # no ports: the new streams are refused, the call goes on as it was
+            else:
+                added = dict(zip(added, granted, strict=True))
+        if parts.sdp is not None:
+            negotiated = tuple(
+                n if i in added or i in recorded else None for i, n in enumerate(negotiated)
+            )
         metadata = dialog.metadata
         if parts.metadata is not None:
             try:
@@ -698,22 +719,27 @@ class SiprecServer:
         out: list[Output] = []
         events: list[Output] = []
         if parts.sdp is not None:
+            first = dialog.first_negotiated
+            dialog.first_negotiated = tuple(
+                negotiated[i] if i in added else (first[i] if i < len(first) else None)
+                for i in range(max(len(first), len(offer.media)))
+            )
             dialog.offer, dialog.negotiated = offer, negotiated
             dialog.ports = [
-                dialog.ports[i] if i < len(dialog.ports) and negotiated[i] is not None else 0
+                added.get(i)
+                or (dialog.ports[i] if i < len(dialog.ports) and negotiated[i] is not None else 0)
                 for i in range(len(offer.media))
             ]
             dialog.sdp_version += 1
-            out.append(self._plan(dialog))
+        if parts.metadata is not None or parts.sdp is not None:
+            dialog.metadata = metadata
+            events += [CallEvent(dialog.call_id, e) for e in self._remap(dialog, tuple(added))]
+        if parts.sdp is not None:
+            out.append(self._plan(dialog))  # after _remap: it names the new streams' channels
             held = self._all_inactive(offer, negotiated)
             if held != dialog.held:
                 dialog.held = held
                 events.append(CallEvent(dialog.call_id, Hold() if held else Resume()))
-        if parts.metadata is not None or parts.sdp is not None:
-            dialog.metadata = metadata
-            remap = self._remap(dialog)
-            if remap is not None:
-                events.append(CallEvent(dialog.call_id, remap))
         sdp: bytes | None = None
         if request.method == "INVITE" or parts.sdp is not None:
             sdp = self._answer(dialog)
@@ -737,10 +763,17 @@ class SiprecServer:
         """Negotiate a new offer, holding each existing channel to its m-line and codec."""
         out: list[Negotiated | None] = []
         fixed = dict(zip(dialog.channels.mlines, dialog.channels.channels, strict=True))
+        last = max(dialog.channels.mlines, default=-1)
+        room = self.config.max_channels - len(fixed)
         for i, media in enumerate(offer.media):
             spec = fixed.get(i)
             if spec is None:
-                out.append(None)  # rule 5: no channels appear mid-call
+                # Rule 5: an m-line appended after every recorded one is a new leg.
+                n = None
+                if i > last and room > 0:
+                    n = negotiate(dataclasses.replace(offer, media=(media,)), self.config.codecs)[0]
+                    room -= n is not None
+                out.append(n)
                 continue
             previous = dialog.negotiated[i]
             assert previous is not None
@@ -755,19 +788,27 @@ class SiprecServer:
             out.append(negotiate(single, prefs)[0])
         return tuple(out)
 
-    def _remap(self, dialog: _Dialog) -> MetadataChanged | None:
-        """Recompute roles and participants; a MetadataChanged when anything differs."""
-        original = set(dialog.channels.mlines)
-        mask = [n if i in original else None for i, n in enumerate(dialog.first_negotiated)]
+    def _remap(self, dialog: _Dialog, added: tuple[int, ...] = ()) -> list[IngressEvent]:
+        """Recompute roles and participants, with the m-lines in ``added`` as new channels: a
+        ChannelAdded per new channel, and a MetadataChanged when the others' roles or
+        participants differ (or, with nothing added, the metadata)."""
+        recorded = set(dialog.channels.mlines) | set(added)
+        first = dialog.first_negotiated
+        mask = [first[i] if i < len(first) and i in recorded else None for i in range(len(first))]
         mask = (mask + [None] * len(dialog.offer.media))[: len(dialog.offer.media)]
         mapped = map_channels(dialog.offer, mask, dialog.metadata, self.config.roles)
-        if mapped.mlines != dialog.channels.mlines:
-            return None  # m-lines went away: keep the layout the call started with
+        if mapped.mlines != tuple(sorted(recorded)):
+            return []  # m-lines went away: keep the layout the call started with
         before = dialog.channels
         dialog.channels = mapped
-        if mapped.channels == before.channels and mapped.metadata == before.metadata:
-            return None
-        return MetadataChanged(mapped.channels, {**mapped.metadata, **dialog.extra_metadata})
+        metadata = {**mapped.metadata, **dialog.extra_metadata}
+        old = len(before.channels)
+        events: list[IngressEvent] = [ChannelAdded(s, metadata) for s in mapped.channels[old:]]
+        if mapped.channels[:old] != before.channels or (
+            not events and mapped.metadata != before.metadata
+        ):
+            events.append(MetadataChanged(mapped.channels[:old], metadata))
+        return events
 
     @staticmethod
     def _all_inactive(offer: SessionDescription, negotiated: Sequence[Negotiated | None]) -> bool:

@@ -459,8 +459,14 @@ class RtpReceiver:
         epoch: MediaEpoch | None = None,
         window_ms: int = 60,
         max_delay_s: float = 0.2,
+        joined: bool = False,
     ) -> None:
-        """Create the receiver for ``config`` on ``epoch`` (shared by a call's receivers)."""
+        """Create the receiver for ``config`` on ``epoch`` (shared by a call's receivers).
+
+        ``joined``: the stream joins a running call, whose channel for it begins where the call
+        has got to; so no gap is declared before its first frame (the call places that frame by
+        its position, and a gap from position 0 would push the channel past it).
+        """
         self.config = config
         self.buffer = JitterBuffer(
             config.clock_rate, epoch=epoch, window_ms=window_ms, max_delay_s=max_delay_s
@@ -473,7 +479,8 @@ class RtpReceiver:
         # Audio payload types seen in this stream's offers -> codec: packets of a replaced
         # type still in the jitter buffer (or in flight) decode as they were sent.
         self._audio_types = {config.payload_type: config.codec}
-        self._end = 0  # timeline position where this channel's output ends
+        # Timeline position where this channel's output ends (None: joined, nothing out yet).
+        self._end: int | None = None if joined else 0
         self._event_key: tuple[int, int] | None = None  # (ssrc, timestamp) of the DTMF event
         self._event_digit: str | None = None
         self._event_done = False
@@ -540,17 +547,19 @@ class RtpReceiver:
                 samples = len(payload) // self._width
                 if samples == 0:
                     continue
-                if frame.position > self._end:
-                    out.append(Gap(cfg.channel, frame.position - self._end))
+                end = frame.position if self._end is None else self._end
+                if frame.position > end:
+                    out.append(Gap(cfg.channel, frame.position - end))
                 out.append(Audio(cfg.channel, payload, frame.position))
-                self._end = max(self._end, frame.position + samples)
+                self._end = max(end, frame.position + samples)
             elif pt == cfg.telephone_event:
                 out += self._dtmf(frame)
             else:
                 self.stats.comfort_noise += 1
-                if frame.position > self._end:
-                    out.append(Gap(cfg.channel, frame.position - self._end))
-                    self._end = frame.position
+                end = frame.position if self._end is None else self._end
+                if frame.position > end:
+                    out.append(Gap(cfg.channel, frame.position - end))
+                self._end = max(end, frame.position)
         return out
 
     def _dtmf(self, frame: Frame) -> list[IngressEvent]:
@@ -598,13 +607,28 @@ class CallMedia:
         """One :class:`RtpReceiver` per stream config (channels must be distinct)."""
         self.epoch = MediaEpoch()
         self.receivers: dict[int, RtpReceiver] = {}
+        self._window_ms = window_ms
+        self._max_delay_s = max_delay_s
         for cfg in streams:
-            if cfg.channel in self.receivers:
-                raise ValueError(f"channel {cfg.channel} configured twice")
-            self.receivers[cfg.channel] = RtpReceiver(
-                cfg, epoch=self.epoch, window_ms=window_ms, max_delay_s=max_delay_s
-            )
+            self._add(cfg, joined=False)
         self._pinned = False
+
+    def add(self, config: StreamConfig) -> RtpReceiver:
+        """A receiver for a stream that joins mid-call, on the call's epoch: placed by its
+        arrival like the others. Raises ValueError for a channel already here."""
+        return self._add(config, joined=True)
+
+    def _add(self, config: StreamConfig, *, joined: bool) -> RtpReceiver:
+        if config.channel in self.receivers:
+            raise ValueError(f"channel {config.channel} configured twice")
+        receiver = self.receivers[config.channel] = RtpReceiver(
+            config,
+            epoch=self.epoch,
+            window_ms=self._window_ms,
+            max_delay_s=self._max_delay_s,
+            joined=joined,
+        )
+        return receiver
 
     def receive(self, channel: int, datagram: bytes, arrival: float) -> list[IngressEvent]:
         """One datagram for ``channel``'s port. Raises KeyError for an unknown channel."""

@@ -211,7 +211,11 @@ class _SipCall:
         else:
             for channel, config in configs.items():
                 receiver = self.media.receivers.get(channel)
-                if receiver is None or receiver.config == config:
+                if receiver is None:
+                    self.media.add(config)  # a leg added by a re-INVITE
+                    log.info("siprec.stream_added", sip_call_id=self.sip_call_id, channel=channel)
+                    continue
+                if receiver.config == config:
                     continue
                 receiver.reconfigure(config)  # the dialog keeps channel and clock rate
                 log.info(
@@ -452,6 +456,7 @@ class SiprecService:
                     callee_role=conf.callee_role,
                     caller_labels=frozenset(conf.caller_labels),
                 ),
+                max_channels=self.settings.calls.max_channels,
             ),
             self._ports,
         )
