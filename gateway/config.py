@@ -412,6 +412,8 @@ class SiprecSettings(_Section):
     # RTP ports (even, RTCP on port + 1) are taken from this range, two per recorded stream.
     rtp_port_min: int = Field(40000, ge=1024, le=65534)
     rtp_port_max: int = Field(40999, ge=1025, le=65535)
+    # SRTP (SDES): "off" plain RTP only, "allow" both, "require" SRTP only.
+    srtp: Literal["off", "allow", "require"] = "allow"
     # Source addresses (CIDRs) allowed to send SIP; others get 403.
     allowlist: tuple[str, ...] = ()
     # Digest authentication of INVITEs: "user:password" entries (secrets: environment or

@@ -5,6 +5,7 @@ two channels as PCMU at real time to the ports of the gateway's answer."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import re
 import secrets
@@ -15,6 +16,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pylibsrtp
 
 from gateway.config import Settings
 from gateway.ingress.siprec.message import (
@@ -70,18 +73,24 @@ def sdp_offer(
     direction: str = "sendonly",
     address: str = "127.0.0.1",
     codec: Codec = Codec.PCMU,
+    srtp_key: bytes | None = None,
 ) -> str:
+    """One m-line per port; with ``srtp_key``, RTP/SAVP keyed by it (AES_CM_128_HMAC_SHA1_80)."""
     pt = PAYLOAD_TYPES[codec]
     lines = ["v=0", f"o=SRC 4242 1 IN IP4 {address}", "s=SIPREC", f"c=IN IP4 {address}", "t=0 0"]
+    proto = "RTP/AVP" if srtp_key is None else "RTP/SAVP"
     for i, port in enumerate(ports):
         lines += [
-            f"m=audio {port} RTP/AVP {pt} 101",
+            f"m=audio {port} {proto} {pt} 101",
             f"a=rtpmap:{pt} {codec.value.upper()}/8000",
             "a=rtpmap:101 telephone-event/8000",
             "a=ptime:20",
             f"a=label:{i + 1}",
             f"a={direction}",
         ]
+        if srtp_key is not None:
+            inline = base64.b64encode(srtp_key).decode()
+            lines.append(f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{inline}")
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -343,10 +352,11 @@ async def play_rtp(
     frame_ms: int = 20,
     speed: float = 1.0,
     codec: Codec = Codec.PCMU,
+    srtp_key: bytes | None = None,
 ) -> int:
     """Send each channel's PCM16 (8 kHz) as ``codec`` RTP to its target at real time
-    (x ``speed``), from one socket per stream (as an SBC does). Returns the packets sent per
-    stream."""
+    (x ``speed``), from one socket per stream (as an SBC does); with ``srtp_key``, as SRTP
+    protected by libsrtp (AES_CM_128_HMAC_SHA1_80). Returns the packets sent per stream."""
     loop = asyncio.get_running_loop()
     socks = []
     for _ in targets:
@@ -361,6 +371,14 @@ async def play_rtp(
     ssrcs = [secrets.randbits(32) for _ in targets]
     seq0 = [secrets.randbits(16) for _ in targets]
     ts0 = [secrets.randbits(32) for _ in targets]
+    protect = None
+    if srtp_key is not None:
+        policy = pylibsrtp.Policy(
+            key=srtp_key,
+            ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+            srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+        )
+        protect = pylibsrtp.Session(policy=policy).protect
     t0 = loop.time()
     try:
         for i in range(frames):
@@ -373,6 +391,8 @@ async def play_rtp(
                 if len(chunk) < step:
                     chunk += silence(codec, step - len(chunk))
                 packet = rtp_packet(seq0[k] + i, ts0[k] + i * step, ssrcs[k], chunk, pt)
+                if protect is not None:
+                    packet = protect(packet)
                 with contextlib.suppress(BlockingIOError):
                     sock.sendto(packet, target)
     finally:

@@ -583,3 +583,33 @@ def test_an_added_mline_beyond_the_channel_limit_or_the_ports_is_refused() -> No
         assert not any(isinstance(e, ChannelAdded) for e in events(out))
         (plan,) = [o for o in out if isinstance(o, MediaPlan)]
         assert [s.config.channel for s in plan.streams] == [0, 1]
+
+
+def savp(request: SipRequest) -> SipRequest:
+    """The same INVITE offering SRTP: RTP/SAVP m-lines keyed by SDES."""
+    inline = "A" * 40  # 30 bytes of zeros, base64
+    body = request.body.replace(b"RTP/AVP", b"RTP/SAVP").replace(
+        b"a=ptime:20", b"a=ptime:20\r\na=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:" + inline.encode()
+    )
+    return SipRequest(request.method, request.uri, request.headers, body)
+
+
+def test_srtp_offers_follow_the_policy() -> None:
+    plain = invite_for("cisco-siprec-offer.txt", call_id=CALL)
+    srv, _ = server()
+    out = deliver(srv, savp(plain), 0.0)
+    ok = sent(out)[-1]
+    assert ok.status == 200 and ok.body.count(b"RTP/SAVP") == 2
+    assert ok.body.count(b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:") == 2
+    assert b"A" * 40 not in ok.body  # our keys, not the offerer's
+    (plan,) = [o for o in out if isinstance(o, MediaPlan)]
+    assert all(s.config.srtp is not None and s.config.srtp.key == bytes(30) for s in plan.streams)
+    # The same re-offer gets the same keys of ours back.
+    content_type = plain.headers.get("Content-Type") or ""
+    again = in_dialog("INVITE", ok, 2, body=savp(plain).body, content_type=content_type)
+    assert sent(deliver(srv, again, 1.0))[-1].body.split(b"\r\n", 2)[2] == ok.body.split(
+        b"\r\n", 2
+    )[2].replace(b" 1 IN IP4", b" 2 IN IP4")
+    for policy, request in (("off", savp(plain)), ("require", plain)):
+        srv, _ = server(srtp=policy)
+        assert statuses(deliver(srv, request, 0.0))[-1] == 488

@@ -10,7 +10,9 @@ draining, a re-INVITE to hold and back, an INVITE from outside the allowlist, ma
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import re
 import shutil
 import ssl
 from pathlib import Path
@@ -289,6 +291,35 @@ async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -
         assert stored["metadata"]["siprec.channel.2.aor"] == aors[2]
         assert call.channels[2].clock.late_frames <= 3  # at most the jitter of its first packets
         assert svc.ports.in_use == 0
+        client.close()
+
+
+async def test_srtp_call_is_decrypted_and_forged_packets_are_counted(tmp_path: Path) -> None:
+    """An SBC recording over SRTP (RTP/SAVP keyed by SDES): the answer takes SAVP with a key of
+    ours per m-line, the audio protected with the SBC's key is transcribed, and packets that
+    fail authentication are dropped and counted while the call goes on."""
+    key = bytes(range(30))
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target, srtp_key=key)
+        body = ok.body.decode()
+        assert body.count("RTP/SAVP") == 2
+        ours = re.findall(r"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:(\S+)", body)
+        assert len(ours) == 2 and len(set(ours)) == 2  # a fresh key per m-line
+        assert base64.b64encode(key).decode() not in body
+        ports = [("127.0.0.1", p) for p in answer_ports(ok)]
+        forged = await play_rtp(ports[:1], [SILENCE[:1600]], srtp_key=bytes(30))  # wrong key
+        await play_rtp(ports, [SILENCE, SILENCE], speed=4.0, srtp_key=key)
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None
+        text = await gw.metrics()
+        assert metric(text, "callgate_siprec_rtp_dropped_total", reason="srtp_rejected") == forged
+        stored = gw.stored(call.call_id)
+        assert _words(stored) == {0: "hello there goodbye", 1: "hello there goodbye"}
         client.close()
 
 

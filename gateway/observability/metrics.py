@@ -147,6 +147,14 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=r,
         )
+        self.siprec_rtp_dropped = Counter(
+            "callgate_siprec_rtp_dropped",
+            "RTP packets of recorded streams dropped before the call clock, by reason: "
+            "malformed, unknown_payload (a type the SDP did not offer), srtp_rejected (failed "
+            "SRTP authentication or a replay), duplicate, late (after the jitter buffer moved on)",
+            ["reason"],
+            registry=r,
+        )
         self.store_write = Histogram(
             "callgate_store_write_seconds",
             "Time from a store write being queued to its commit (finals wait this before publish)",

@@ -30,6 +30,9 @@ Rules (h11 style):
 2. Access control (allowlist, then digest for out-of-dialog INVITE) runs before anything else.
 3. In-dialog requests must match Call-ID and both tags, or get 481.
 4. The SRS only receives: answers are ``recvonly`` (``inactive`` for ``inactive`` offers).
+   SRTP m-lines keyed by SDES are taken as :attr:`ServerConfig.srtp` allows; the answer carries
+   a key of ours per SRTP m-line (kept for the dialog's life while the suite's key length
+   stays), and the plan the offerer's key to decrypt with.
 5. A channel keeps its m-line and clock rate for the life of the call: an m-line offering only
    other clock rates is refused (port 0). Its codec may change (PCMU, PCMA, L16 at the same
    rate; the previous one is preferred): the RTP receiver transcodes to the codec the call
@@ -42,6 +45,7 @@ Rules (h11 style):
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,6 +86,7 @@ from gateway.ingress.siprec.participants import ChannelMap, RolePolicy, map_chan
 from gateway.ingress.siprec.rtp import StreamConfig
 from gateway.ingress.siprec.sdp import (
     DEFAULT_CODECS,
+    SRTP_SUITES,
     Negotiated,
     SdpAnswer,
     SdpError,
@@ -232,6 +237,7 @@ class ServerConfig:
     t2: float = 4.0
     user_agent: str = "callgate-srs"
     max_channels: int = 8
+    srtp: str = "allow"  # off | allow | require (sdp.SRTP_POLICIES)
 
 
 class DialogState(StrEnum):
@@ -264,6 +270,7 @@ class _Dialog:
     session_id: int = 1
     held: bool = False
     local_cseq: int = 0  # CSeq of requests we send in this dialog (BYE)
+    srtp_keys: list[bytes | None] = field(default_factory=list)  # ours, per m-line (answers)
     local_uuid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -573,7 +580,7 @@ class SiprecServer:
             offer = parse_sdp(parts.sdp)
         except SdpError as exc:
             return self._refuse(request, source, transport, 400, f"bad SDP: {exc}", now)
-        negotiated = negotiate(offer, self.config.codecs)
+        negotiated = negotiate(offer, self.config.codecs, srtp=self.config.srtp)
         if not any(negotiated):
             return self._refuse(request, source, transport, 488, "no acceptable m-line", now)
         extra: dict[str, str] = {}
@@ -771,7 +778,8 @@ class SiprecServer:
                 # Rule 5: an m-line appended after every recorded one is a new leg.
                 n = None
                 if i > last and room > 0:
-                    n = negotiate(dataclasses.replace(offer, media=(media,)), self.config.codecs)[0]
+                    single = dataclasses.replace(offer, media=(media,))
+                    n = negotiate(single, self.config.codecs, srtp=self.config.srtp)[0]
                     room -= n is not None
                 out.append(n)
                 continue
@@ -785,7 +793,7 @@ class SiprecServer:
             ]
             single = dataclasses.replace(offer, media=(media,))
             prefs = [(previous.encoding, previous.clock_rate), *same_rate]
-            out.append(negotiate(single, prefs)[0])
+            out.append(negotiate(single, prefs, srtp=self.config.srtp)[0])
         return tuple(out)
 
     def _remap(self, dialog: _Dialog, added: tuple[int, ...] = ()) -> list[IngressEvent]:
@@ -818,6 +826,15 @@ class SiprecServer:
 
     def _answer(self, dialog: _Dialog) -> bytes:
         media_address = self.config.media_address or self.config.host
+        # Our own SRTP key per SRTP m-line (RFC 4568 puts one in the answer; we never send
+        # with it): kept while the suite's key length stays, so answers repeat it.
+        keys = dialog.srtp_keys
+        keys += [None] * (len(dialog.negotiated) - len(keys))
+        for i, n in enumerate(dialog.negotiated):
+            size = SRTP_SUITES[n.crypto.suite] if n is not None and n.crypto is not None else 0
+            key = keys[i]
+            if size and (key is None or len(key) != size):
+                keys[i] = secrets.token_bytes(size)
         result = answer(
             dialog.offer,
             address=media_address,
@@ -825,6 +842,7 @@ class SiprecServer:
             session_id=dialog.session_id,
             session_version=dialog.sdp_version,
             negotiated=dialog.negotiated,
+            keys=keys,
         )
         dialog.answer = result
         return result.body
@@ -850,6 +868,7 @@ class SiprecServer:
                         clock_rate=n.clock_rate,
                         telephone_event=n.telephone_event,
                         comfort_noise=tuple(sorted({13, *n.comfort_noise})),
+                        srtp=n.crypto,
                     ),
                     direction=dialog.offer.direction_of(mline),
                 )

@@ -14,9 +14,10 @@ on any monotonic clock; nothing here reads a clock):
   more than ``resync_s``) is anchored by its arrival time: RTP timestamps of different SSRCs are
   unrelated, so arrival is the only common reference (reference notes 5.5). An anchor never
   lands before audio already placed, and snaps onto the end of it when within ``snap_s``.
-- :class:`RtpReceiver`: one per channel. RTCP is ignored, the jitter buffer orders packets, then
-  audio becomes :class:`~gateway.ingress.events.Audio` (timestamp = position, L16 byte-swapped
-  from network order to our little-endian), telephone-events become one
+- :class:`RtpReceiver`: one per channel. RTCP is ignored, SRTP packets are authenticated and
+  decrypted by libsrtp (pylibsrtp; a failure drops the packet), the jitter buffer orders
+  packets, then audio becomes :class:`~gateway.ingress.events.Audio` (timestamp = position,
+  L16 byte-swapped from network order to our little-endian), telephone-events become one
   :class:`~gateway.ingress.events.Dtmf` per event (repeated end packets deduplicated), comfort
   noise and holes before audio become :class:`~gateway.ingress.events.Gap`.
 
@@ -34,8 +35,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import pylibsrtp
 
 from gateway.ingress.events import Audio, Dtmf, Gap, IngressEvent
+from gateway.ingress.siprec.sdp import Crypto
 from gateway.media.codec import Codec, decode, encode
 
 __all__ = [
@@ -431,6 +434,27 @@ class StreamConfig:
     clock_rate: int = 8000
     telephone_event: int | None = None
     comfort_noise: tuple[int, ...] = (CN_STATIC,)
+    srtp: Crypto | None = None  # SRTP (SDES): the sender's suite and master key + salt
+
+
+# SDES suite -> libsrtp protection profile.
+_SRTP_PROFILES = {
+    "AES_CM_128_HMAC_SHA1_80": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+    "AES_CM_128_HMAC_SHA1_32": pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
+    "AEAD_AES_128_GCM": pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
+    "AEAD_AES_256_GCM": pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
+}
+
+
+def srtp_session(crypto: Crypto) -> pylibsrtp.Session:
+    """A libsrtp receive context for any SSRC keyed by ``crypto``. Raises KeyError for a suite
+    outside :data:`~gateway.ingress.siprec.sdp.SRTP_SUITES`."""
+    policy = pylibsrtp.Policy(
+        key=crypto.key,
+        ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+        srtp_profile=_SRTP_PROFILES[crypto.suite],
+    )
+    return pylibsrtp.Session(policy=policy)
 
 
 @dataclass(slots=True)
@@ -442,6 +466,7 @@ class ReceiverStats:
     unknown_payload: int = 0
     dtmf: int = 0
     comfort_noise: int = 0
+    srtp_rejected: int = 0  # failed SRTP authentication (or replayed): dropped
 
 
 class RtpReceiver:
@@ -479,6 +504,7 @@ class RtpReceiver:
         # Audio payload types seen in this stream's offers -> codec: packets of a replaced
         # type still in the jitter buffer (or in flight) decode as they were sent.
         self._audio_types = {config.payload_type: config.codec}
+        self._srtp = srtp_session(config.srtp) if config.srtp is not None else None
         # Timeline position where this channel's output ends (None: joined, nothing out yet).
         self._end: int | None = None if joined else 0
         self._event_key: tuple[int, int] | None = None  # (ssrc, timestamp) of the DTMF event
@@ -493,14 +519,23 @@ class RtpReceiver:
                 f"channel {self.config.channel} at {self.config.clock_rate} Hz cannot become "
                 f"channel {config.channel} at {config.clock_rate} Hz"
             )
+        if config.srtp != self.config.srtp:  # new keys (or SRTP switched on or off)
+            self._srtp = srtp_session(config.srtp) if config.srtp is not None else None
         self.config = config
         self._audio_types[config.payload_type] = config.codec
 
     def receive(self, datagram: bytes, arrival: float) -> list[IngressEvent]:
-        """Handle one datagram received at ``arrival`` (seconds). Malformed input is counted."""
+        """Handle one datagram received at ``arrival`` (seconds). Malformed input is counted;
+        with SRTP, a packet that fails authentication is dropped and counted."""
         if is_rtcp(datagram):
             self.stats.rtcp += 1
             return []
+        if self._srtp is not None:
+            try:
+                datagram = self._srtp.unprotect(datagram)
+            except pylibsrtp.Error:
+                self.stats.srtp_rejected += 1
+                return []
         try:
             packet = parse_rtp(datagram)
         except RtpError:

@@ -6,13 +6,23 @@ stream with ``a=label`` (RFC 4574), a direction (``sendonly`` normally, ``inacti
 
 :func:`negotiate` picks, per m-line, one offered codec in our preference order (PCMU, PCMA, L16
 at 8 and 16 kHz by default) plus ``telephone-event`` and comfort noise when offered; m-lines we
-cannot take (not audio, no supported codec, SRTP, port 0) get None. :func:`answer` renders the
-answer: the offer's m-line count and order, ``recvonly`` (``inactive`` for an inactive or
-recvonly offer), port 0 for rejected m-lines, ``a=label`` echoed, our address and ports as given.
+cannot take (not audio, no supported codec, port 0, a transport we do not speak) get None.
+:func:`answer` renders the answer: the offer's m-line count and order, ``recvonly``
+(``inactive`` for an inactive or recvonly offer), port 0 for rejected m-lines, ``a=label``
+echoed, our address and ports as given.
+
+SRTP (``RTP/SAVP``, ``RTP/SAVPF``) is keyed by SDES (RFC 4568): the offer's ``a=crypto`` lines
+are read in order and the first one we can use is taken (:class:`Crypto`: one of
+:data:`SRTP_SUITES`, one inline key of the suite's length, no MKI, no session parameters); the
+answer repeats its tag and suite with our own key. Whether SRTP and plain RTP are taken is the
+``srtp`` policy: ``off`` (plain RTP only), ``allow`` (both), ``require`` (SRTP only). The keys are
+secrets: nothing here logs or renders them but the answer's own ``a=crypto`` line.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +31,9 @@ from gateway.media.codec import Codec
 
 __all__ = [
     "DEFAULT_CODECS",
+    "SRTP_SUITES",
     "Connection",
+    "Crypto",
     "MediaDescription",
     "Negotiated",
     "RtpMap",
@@ -57,6 +69,16 @@ DEFAULT_CODECS: tuple[tuple[str, int], ...] = (
 )
 _CODECS: dict[str, Codec] = {"PCMU": Codec.PCMU, "PCMA": Codec.PCMA, "L16": Codec.L16}
 _PLAIN_RTP = frozenset({"RTP/AVP", "RTP/AVPF"})
+_SECURE_RTP = frozenset({"RTP/SAVP", "RTP/SAVPF"})
+SRTP_POLICIES = ("off", "allow", "require")
+
+# SDES crypto suites we decrypt (RFC 4568, 7714) -> master key + salt length in bytes.
+SRTP_SUITES: dict[str, int] = {
+    "AES_CM_128_HMAC_SHA1_80": 30,
+    "AES_CM_128_HMAC_SHA1_32": 30,
+    "AEAD_AES_128_GCM": 28,
+    "AEAD_AES_256_GCM": 44,
+}
 
 
 class SdpError(ValueError):
@@ -80,6 +102,36 @@ class RtpMap:
     encoding: str
     clock_rate: int
     channels: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Crypto:
+    """One usable SDES ``a=crypto`` line: its tag, suite and master key + salt (a secret:
+    kept out of ``repr``)."""
+
+    tag: int
+    suite: str
+    key: bytes = field(repr=False)
+
+
+def parse_crypto(value: str) -> Crypto | None:
+    """An ``a=crypto`` value, or None when we cannot use it (unknown suite, a key of the wrong
+    length, several keys, an MKI, session parameters, or it does not parse)."""
+    parts = value.split()
+    if len(parts) != 3 or not parts[0].isdigit():
+        return None  # a fourth field is a session parameter (UNENCRYPTED_SRTP, KDR, ...)
+    tag, suite, params = int(parts[0]), parts[1].upper(), parts[2]
+    size = SRTP_SUITES.get(suite)
+    if size is None or ";" in params or not params.lower().startswith("inline:"):
+        return None
+    key_text, *rest = params[len("inline:") :].split("|")
+    if any(":" in r for r in rest):  # an MKI (value:length): libsrtp here is keyed without one
+        return None
+    try:
+        key = base64.b64decode(key_text + "=" * (-len(key_text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return Crypto(tag, suite, key) if len(key) == size else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +167,21 @@ class MediaDescription:
     def payload_types(self) -> tuple[int, ...]:
         """The numeric formats, in offer order (non-numeric formats skipped)."""
         return tuple(int(f) for f in self.formats if f.isdigit() and int(f) < 128)
+
+    @property
+    def secure(self) -> bool:
+        """SRTP (``RTP/SAVP`` or ``RTP/SAVPF``)."""
+        return self.proto.upper() in _SECURE_RTP
+
+    @property
+    def crypto(self) -> Crypto | None:
+        """The first ``a=crypto`` line we can use, in offer order (the offerer's preference)."""
+        for attr, value in self.attributes:
+            if attr == "crypto" and value:
+                crypto = parse_crypto(value)
+                if crypto is not None:
+                    return crypto
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +369,14 @@ class Negotiated:
     telephone_event_fmtp: str | None = None
     comfort_noise: tuple[int, ...] = ()
     ptime: int | None = None
+    crypto: Crypto | None = None  # SRTP: the offerer's key we decrypt with (None: plain RTP)
+
+
+def _transport_ok(m: MediaDescription, srtp: str) -> bool:
+    proto = m.proto.upper()
+    if proto in _PLAIN_RTP:
+        return srtp != "require"
+    return proto in _SECURE_RTP and srtp != "off" and m.crypto is not None
 
 
 def negotiate(
@@ -309,17 +384,21 @@ def negotiate(
     codecs: Sequence[tuple[str, int]] = DEFAULT_CODECS,
     *,
     telephone_event: bool = True,
+    srtp: str = "allow",
 ) -> tuple[Negotiated | None, ...]:
     """Per m-line of ``offer``: the codec we take, or None when we cannot record it.
 
     ``codecs`` is our preference order of (encoding name, clock rate); mono only. An m-line is
-    rejected when it is not audio, not plain RTP (SRTP, UDPTL, ...), has port 0, or offers none
-    of ``codecs``.
+    rejected when it is not audio, has port 0, offers none of ``codecs``, or its transport is
+    not one ``srtp`` (see :data:`SRTP_POLICIES`) lets us take: plain RTP, or SRTP with a usable
+    ``a=crypto`` line (UDPTL and others never).
     """
+    if srtp not in SRTP_POLICIES:
+        raise ValueError(f"srtp policy {srtp!r} is not one of {', '.join(SRTP_POLICIES)}")
     wanted = [(name.upper(), rate) for name, rate in codecs]
     out: list[Negotiated | None] = []
     for m in offer.media:
-        if m.media != "audio" or m.port == 0 or m.proto.upper() not in _PLAIN_RTP:
+        if m.media != "audio" or m.port == 0 or not _transport_ok(m, srtp):
             out.append(None)
             continue
         maps = [r for r in (m.rtpmap(pt) for pt in m.payload_types) if r is not None]
@@ -361,6 +440,7 @@ def negotiate(
                 telephone_event_fmtp=te_fmtp,
                 comfort_noise=cn,
                 ptime=m.ptime,
+                crypto=m.crypto if m.secure else None,
             )
         )
     return tuple(out)
@@ -394,13 +474,17 @@ def answer(
     username: str = "callgate",
     negotiated: Sequence[Negotiated | None] | None = None,
     codecs: Sequence[tuple[str, int]] = DEFAULT_CODECS,
+    keys: Sequence[bytes | None] = (),
 ) -> SdpAnswer:
     """Render the SRS answer to ``offer``.
 
     ``ports[i]`` is our RTP port for m-line ``i`` (ignored where the m-line is rejected; RTCP is
     the next port up, as RFC 3550 defaults). ``negotiated`` is :func:`negotiate`'s result (computed
     from ``codecs`` when None); an accepted m-line whose port is 0 is rejected too. ``address``
-    is our media address (IPv4 or IPv6). Raises ValueError when ``ports`` is too short.
+    is our media address (IPv4 or IPv6). ``keys[i]`` is our own SRTP master key + salt for an
+    accepted SRTP m-line ``i`` (RFC 4568 wants one in the answer even from a receiver; its
+    length must suit the chosen suite). Raises ValueError when ``ports`` is too short or an SRTP
+    m-line has no key of the right length.
     """
     chosen = tuple(negotiated) if negotiated is not None else negotiate(offer, codecs)
     if len(ports) < len(offer.media) or len(chosen) != len(offer.media):
@@ -432,6 +516,12 @@ def answer(
                 lines.append(f"a=fmtp:{n.telephone_event} {n.telephone_event_fmtp}")
         if n.ptime is not None:
             lines.append(f"a=ptime:{n.ptime}")
+        if n.crypto is not None:
+            key = keys[i] if i < len(keys) else None
+            if key is None or len(key) != SRTP_SUITES[n.crypto.suite]:
+                raise ValueError(f"m-line {i}: no {n.crypto.suite} key of our own")
+            inline = base64.b64encode(key).decode("ascii")
+            lines.append(f"a=crypto:{n.crypto.tag} {n.crypto.suite} inline:{inline}")
         if m.label is not None:
             lines.append(f"a=label:{m.label}")
         lines.append(f"a={answer_direction(offer.direction_of(i))}")

@@ -39,7 +39,7 @@ import contextlib
 import functools
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -183,6 +183,7 @@ class _SipCall:
         self.wake = asyncio.Event()
         self.stopped: str | None = None
         self.packets = self.bytes = self.packets_counted = self.bytes_counted = 0
+        self.dropped_counted = Counter[str]()  # receivers' drop counters already in the metric
         self.audio_events = 0
         self.task: asyncio.Task[None] | None = None
 
@@ -278,6 +279,20 @@ class _SipCall:
         metrics.media_frames.labels(SOURCE).inc(self.packets - self.packets_counted)
         metrics.media_bytes.labels(SOURCE).inc(self.bytes - self.bytes_counted)
         self.packets_counted, self.bytes_counted = self.packets, self.bytes
+        if self.media is None:
+            return
+        dropped = Counter[str]()
+        for receiver in self.media.receivers.values():
+            stats, jitter = receiver.stats, receiver.buffer.stats
+            dropped["malformed"] += stats.malformed
+            dropped["unknown_payload"] += stats.unknown_payload
+            dropped["srtp_rejected"] += stats.srtp_rejected
+            dropped["duplicate"] += jitter.duplicates
+            dropped["late"] += jitter.late
+        for reason, total in dropped.items():
+            if total > self.dropped_counted[reason]:
+                metrics.siprec_rtp_dropped.labels(reason).inc(total - self.dropped_counted[reason])
+                self.dropped_counted[reason] = total
 
     # -- the call's task -----------------------------------------------------------------------
 
@@ -316,6 +331,13 @@ class _SipCall:
             reason = "stream_error"
         finally:
             self.count_media()
+            if self.dropped_counted["srtp_rejected"]:
+                # Once per call, not per packet: a wrong key or an attacker fails every packet.
+                log.warning(
+                    "siprec.srtp_rejected",
+                    sip_call_id=self.sip_call_id,
+                    packets=self.dropped_counted["srtp_rejected"],
+                )
             self.stop(reason)
             self.live.detach(self.link, reason)
 
@@ -457,6 +479,7 @@ class SiprecService:
                     caller_labels=frozenset(conf.caller_labels),
                 ),
                 max_channels=self.settings.calls.max_channels,
+                srtp=conf.srtp,
             ),
             self._ports,
         )
