@@ -49,6 +49,7 @@ KNOWN = frozenset(
         "callgate_media_frames_total",
         "callgate_media_bytes_total",
         "callgate_siprec_packet_delay_seconds",
+        "callgate_siprec_rtp_dropped_total",
         # speech to text
         "callgate_stt_sessions_active",
         "callgate_stt_session_starts_total",
