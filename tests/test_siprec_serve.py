@@ -267,7 +267,7 @@ async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -
         assert joined.body.count(b"a=recvonly") == 3
         await poll_until(lambda: ("channel_added", 2) in updates, 5)
         added_at = call.channels[2].start * 1000 // 8000
-        assert 900 <= added_at <= 1500  # where the other legs were when it joined
+        assert 700 <= added_at <= 1500  # where the other legs were when it joined (~1 s)
         three = [("127.0.0.1", p) for p in ports]
         await play_rtp(three, [SILENCE, SILENCE, SILENCE])  # 2 s on every leg
         client.send(dialog.bye(), target)
@@ -289,7 +289,9 @@ async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -
         assert hello["speaker"] == "Carol Supervisor"
         assert abs(hello["start"] - (added_at + 100)) <= 300  # its own audio's 0.1 s, on the call
         assert stored["metadata"]["siprec.channel.2.aor"] == aors[2]
-        assert call.channels[2].clock.late_frames <= 3  # at most the jitter of its first packets
+        # Its first packets are placed by arrival, the others' by RTP time: a loaded loop may
+        # put a few of them before where it joined (dropped as late), never more.
+        assert call.channels[2].clock.late_frames <= 10
         assert svc.ports.in_use == 0
         client.close()
 
