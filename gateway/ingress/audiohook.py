@@ -71,6 +71,9 @@ VERSION = "2"
 RATE = 8000
 CHANNEL_NAMES: tuple[str, ...] = ("external", "internal")
 DEFAULT_ROLES: dict[str, str] = {"external": "customer", "internal": "agent"}
+# L16 frames are taken as little-endian: Genesys' reference server reads them as a typed
+# Int16Array over the message bytes, i.e. in the host's (x86/ARM: little-endian) byte order,
+# unlike RTP's network-order L16.
 FORMATS: dict[str, Codec] = {"PCMU": Codec.PCMU, "L16": Codec.L16}
 CLIENT_TYPES = frozenset(
     ("open", "close", "ping", "paused", "resumed", "discarded", "update", "error")
