@@ -598,6 +598,8 @@ def test_srtp_offers_follow_the_policy() -> None:
     plain = invite_for("cisco-siprec-offer.txt", call_id=CALL)
     srv, _ = server()
     out = deliver(srv, savp(plain), 0.0)
+    (incoming,) = [o for o in out if isinstance(o, IncomingCall)]
+    assert incoming.srtp and incoming.transport == "udp"  # keys in clear: the service warns
     ok = sent(out)[-1]
     assert ok.status == 200 and ok.body.count(b"RTP/SAVP") == 2
     assert ok.body.count(b"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:") == 2

@@ -140,6 +140,8 @@ class IncomingCall:
     call_id: str
     source: Address
     channels: ChannelMap
+    transport: str = "udp"  # the INVITE's: udp, tcp or tls
+    srtp: bool = False  # the accepted media is SRTP (its SDES keys came over ``transport``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +620,13 @@ class SiprecServer:
         self._cache[self._cache_key(request)] = _Cached(trying, now + 64 * self.config.t1)
         out: list[Output] = [
             Send(trying, source, transport),
-            IncomingCall(call_id, source, channels),
+            IncomingCall(
+                call_id,
+                source,
+                channels,
+                transport,
+                any(n is not None and n.crypto is not None for n in negotiated),
+            ),
         ]
         if self.config.auto_accept:
             out += self.accept(call_id, now)

@@ -657,7 +657,14 @@ class SiprecService:
                 channels=len(incoming.channels.channels),
                 role_source=incoming.channels.role_source,
                 remote=incoming.source[0],
+                transport=incoming.transport,
+                srtp=incoming.srtp,
             )
+            if incoming.srtp and incoming.transport != "tls":
+                # SDES keys travel in the SDP: over plain UDP/TCP anyone on the path has them.
+                log.warning(
+                    "siprec.srtp_keys_in_clear", sip_call_id=call_id, transport=incoming.transport
+                )
         self._apply(outputs)
 
     # -- timers and tasks ----------------------------------------------------------------------
