@@ -10,7 +10,9 @@ does):
   INVITE (multipart SDP with two sendonly PCMU m-lines + rs-metadata), ACK, then two RTP streams
   (20 ms PCMU packets, one per leg of ``samples/diane_sheila.wav`` looped to length) at real
   time to the ports of the gateway's answer, then BYE. All streams are driven by one 20 ms
-  ticker; the calls' starts are spread over ``--ramp`` s (default max(5, N/25)).
+  ticker; the calls' starts are spread over ``--ramp`` s (default max(5, N/25)). With
+  ``--srtp`` the m-lines are RTP/SAVP keyed by SDES and every packet is protected by libsrtp
+  (AES_CM_128_HMAC_SHA1_80), so the gateway authenticates and decrypts each one.
 
 The gateway is pinned to one core (``--gateway-core``), everything else to the others. After one
 warm-up call the baseline is taken; then the N calls start, and the window (``--seconds``) opens
@@ -21,7 +23,8 @@ memory (VmRSS median - baseline, per call), RTP packets it handled per call-seco
 placed on the call clock, sampled every 10th packet), the delay from a chunk's last frame to the
 STT socket (``callgate_stt_send_delay_seconds``), refusals and stream errors.
 
-    .venv/bin/python bench/siprec_calls.py [--calls 50,100,300] [--seconds 30] [--json FILE]
+    .venv/bin/python bench/siprec_calls.py [--calls 50,100,300] [--seconds 30] [--srtp]
+        [--json FILE]
 
 Target (issue 7): 300 concurrent SIPREC calls on one core at real time; report CPU and memory
 per call and the packet-to-clock delay.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -42,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import pylibsrtp  # noqa: E402
 import twilio_calls as tc  # noqa: E402 - the shared harness (bench/ is not a package)
 
 FRAME_MS = 20
@@ -60,12 +66,21 @@ BOUNDARY = "benchBoundary"
 # -- the callers (a child process) ---------------------------------------------------------------
 
 
-def _offer(local: tuple[str, int], target: tuple[str, int], call_id: str, tag: str) -> bytes:
+def _offer(
+    local: tuple[str, int], target: tuple[str, int], call_id: str, tag: str, key: bytes | None
+) -> bytes:
+    """The INVITE; with ``key``, SRTP (RTP/SAVP, AES_CM_128_HMAC_SHA1_80 keyed by it)."""
+    proto = "RTP/AVP" if key is None else "RTP/SAVP"
+    crypto = (
+        ""
+        if key is None
+        else f"a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{base64.b64encode(key).decode()}\r\n"
+    )
     sdp = (
         "v=0\r\no=bench 1 1 IN IP4 127.0.0.1\r\ns=SIPREC\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
         + "".join(
-            f"m=audio {30000 + 2 * i} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n"
-            f"a=sendonly\r\na=label:{i + 1}\r\n"
+            f"m=audio {30000 + 2 * i} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n"
+            f"a=sendonly\r\na=label:{i + 1}\r\n{crypto}"
             for i in range(2)
         )
     )
@@ -140,6 +155,7 @@ class _Call:
     ssrc: tuple[int, int] = (0, 0)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
+    protect: Callable[[bytes], bytes] | None = None  # SRTP (libsrtp) when --srtp
 
 
 class _Sip(asyncio.DatagramProtocol):
@@ -203,6 +219,8 @@ async def _simulate(args: argparse.Namespace) -> None:
                         )
                         + payload
                     )
+                    if call.protect is not None:
+                        packet = call.protect(packet)
                     with contextlib.suppress(BlockingIOError):
                         call.sock.sendto(packet, ("127.0.0.1", call.ports[k]))
                 call.sent += 2
@@ -222,7 +240,15 @@ async def _simulate(args: argparse.Namespace) -> None:
 
     async def one_call(seconds: float) -> dict[str, Any]:
         call = _Call(f"{secrets.token_hex(8)}@bench")
-        ok = await ask(call, "INVITE", _offer(local, target, call.call_id, call.tag))
+        key = secrets.token_bytes(30) if args.srtp else None
+        if key is not None:
+            policy = pylibsrtp.Policy(
+                key=key,
+                ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+                srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
+            )
+            call.protect = pylibsrtp.Session(policy=policy).protect
+        ok = await ask(call, "INVITE", _offer(local, target, call.call_id, call.tag, key))
         if ok is None:
             return {"completed": False, "error": "no answer"}
         call.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
@@ -355,7 +381,8 @@ def run_one(
                     "simulator",
                     [sys.executable, __file__, "_simulate", "--sip-port", str(sip_port)]
                     + ["--calls", str(n), "--audio", str(args.audio)]
-                    + ["--audio-seconds", str(audio_s), "--ramp", str(ramp_s)],
+                    + ["--audio-seconds", str(audio_s), "--ramp", str(ramp_s)]
+                    + (["--srtp"] if args.srtp else []),
                     cores=load_cores,
                     env=tc.clean_env({}),
                     stderr=None,
@@ -498,6 +525,7 @@ def main() -> int:
         p.add_argument("--audio", required=True)
         p.add_argument("--audio-seconds", type=float, required=True)
         p.add_argument("--ramp", type=float, required=True)
+        p.add_argument("--srtp", action="store_true")
         from gateway.observability.logging import configure_logging
 
         configure_logging("warning")
@@ -512,6 +540,9 @@ def main() -> int:
     parser.add_argument("--tail", type=float, default=8)
     parser.add_argument("--audio", type=Path, default=ROOT / "samples" / "diane_sheila.wav")
     parser.add_argument("--gateway-core", type=int, default=0)
+    parser.add_argument(
+        "--srtp", action="store_true", help="SRTP media (SDES, AES_CM_128_HMAC_SHA1_80)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(c) for c in args.calls.split(",") if c.strip()]

@@ -159,12 +159,14 @@ def test_receiver_decrypts_srtp_and_drops_what_fails_authentication(suite: str) 
     tampered[20] ^= 0xFF
     forged = srtp_packets(protector(bytes(len(key)), suite), 1, seq0=150)[0]  # another key
     events = []
-    for i, data in enumerate([packets[0], packets[1], bytes(tampered), forged, *packets[2:]]):
+    sequence = [packets[0], packets[1], bytes(tampered), forged, packets[1], *packets[2:], b"\x80"]
+    for i, data in enumerate(sequence):
         events += receiver.receive(data, i * 0.02)
     events += receiver.flush()
     audio = [e.payload for e in events if isinstance(e, Audio)]
     assert audio == [bytes([1 + k]) * FRAME for k in range(6)]
-    assert receiver.stats.srtp_rejected == 2 and receiver.stats.malformed == 0
+    stats = receiver.stats
+    assert (stats.srtp_rejected, stats.srtp_replayed, stats.malformed) == (2, 1, 1)
 
 
 def test_new_keys_in_a_reinvite_take_effect() -> None:

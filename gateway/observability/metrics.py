@@ -151,7 +151,7 @@ class Metrics:
             "callgate_siprec_rtp_dropped",
             "RTP packets of recorded streams dropped before the call clock, by reason: "
             "malformed, unknown_payload (a type the SDP did not offer), srtp_rejected (failed "
-            "SRTP authentication or a replay), duplicate, late (after the jitter buffer moved on)",
+            "SRTP authentication), duplicate, late (after the jitter buffer moved on)",
             ["reason"],
             registry=r,
         )

@@ -466,7 +466,8 @@ class ReceiverStats:
     unknown_payload: int = 0
     dtmf: int = 0
     comfort_noise: int = 0
-    srtp_rejected: int = 0  # failed SRTP authentication (or replayed): dropped
+    srtp_rejected: int = 0  # failed SRTP authentication: dropped
+    srtp_replayed: int = 0  # a copy of an SRTP packet already taken (libsrtp's replay check)
 
 
 class RtpReceiver:
@@ -533,8 +534,13 @@ class RtpReceiver:
         if self._srtp is not None:
             try:
                 datagram = self._srtp.unprotect(datagram)
-            except pylibsrtp.Error:
-                self.stats.srtp_rejected += 1
+            except pylibsrtp.Error as exc:
+                if len(datagram) < 12:
+                    self.stats.malformed += 1
+                elif str(exc).startswith("replay check failed"):
+                    self.stats.srtp_replayed += 1  # a duplicate, caught before the jitter buffer
+                else:
+                    self.stats.srtp_rejected += 1
                 return []
         try:
             packet = parse_rtp(datagram)

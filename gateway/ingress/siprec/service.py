@@ -287,7 +287,7 @@ class _SipCall:
             dropped["malformed"] += stats.malformed
             dropped["unknown_payload"] += stats.unknown_payload
             dropped["srtp_rejected"] += stats.srtp_rejected
-            dropped["duplicate"] += jitter.duplicates
+            dropped["duplicate"] += jitter.duplicates + stats.srtp_replayed
             dropped["late"] += jitter.late
         for reason, total in dropped.items():
             if total > self.dropped_counted[reason]:
