@@ -9,8 +9,10 @@ does):
 * the callers: this file's ``_simulate`` role, a Session Recording Client: per call one SIP
   INVITE (multipart SDP with two sendonly PCMU m-lines + rs-metadata), ACK, then two RTP streams
   (20 ms PCMU packets, one per leg of ``samples/diane_sheila.wav`` looped to length) at real
-  time to the ports of the gateway's answer, then BYE. All streams are driven by one 20 ms
-  ticker; the calls' starts are spread over ``--ramp`` s (default max(5, N/25)). With
+  time to the ports of the gateway's answer, then BYE. All streams are driven by one ticker
+  that spreads the calls over each 20 ms (each call sends in one of 10 sub-ticks, as streams on
+  independent clocks would); the calls' starts are spread over ``--ramp`` s (default
+  max(5, N/25)). With
   ``--srtp`` the m-lines are RTP/SAVP keyed by SDES and every packet is protected by libsrtp
   (AES_CM_128_HMAC_SHA1_80), so the gateway authenticates and decrypts each one.
 
@@ -59,6 +61,7 @@ import pylibsrtp  # noqa: E402
 import twilio_calls as tc  # noqa: E402 - the shared harness (bench/ is not a package)
 
 FRAME_MS = 20
+SLOTS = 10  # sub-ticks per 20 ms frame over which the calls' packets are spread
 STEP = 8 * FRAME_MS  # samples (bytes of PCMU) per packet
 PACKETS_PER_CALL_S = 2 * 1000 // FRAME_MS  # two streams
 BOUNDARY = "benchBoundary"
@@ -156,6 +159,7 @@ class _Call:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
     protect: Callable[[bytes], bytes] | None = None  # SRTP (libsrtp) when --srtp
+    phase: int = field(default_factory=lambda: secrets.randbelow(SLOTS))  # its sub-tick
 
 
 class _Sip(asyncio.DatagramProtocol):
@@ -194,18 +198,28 @@ async def _simulate(args: argparse.Namespace) -> None:
     running = True
 
     async def ticker() -> None:
+        # Every 20 ms frame is cut into SLOTS sub-ticks, and each call sends in the one its
+        # phase names: an SBC's streams run on independent clocks, so the gateway sees packets
+        # spread over the frame, not one burst of every call's packets per 20 ms (which it
+        # would read in far fewer wake-ups, under-counting its CPU per call).
         nonlocal tick
         t0 = loop.time()
+        sub = 0
+        frames = min(len(leg) for leg in legs) // STEP
         while running:
-            tick += 1
-            due = t0 + tick * FRAME_MS / 1000
+            sub += 1
+            tick, slot = divmod(sub, SLOTS)
+            due = t0 + sub * FRAME_MS / 1000 / SLOTS
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
             lags.append(max(0.0, loop.time() - due))
             for call in list(active.values()):
+                if call.phase != slot:
+                    continue
                 i = tick - call.start_tick
-                frames = min(len(leg) for leg in legs) // STEP
+                if i < 0:
+                    continue
                 if i >= min(frames, call_frames[call.call_id]):
                     del active[call.call_id]
                     call.done.set()
