@@ -199,6 +199,12 @@ BAD_FILES: dict[str, tuple[bytes, int, tuple[str, ...]]] = {
     "nine-channels-default-limit": (pcm_wav(pcm_samples(10, 9)), 8, ("9 channels", "at most 8")),
     "zero-frames": (wav_header(Codec.L16, 2, RATE, 0), 8, ("no audio", "0 frames")),
     "declared-data-missing": (wav_header(Codec.L16, 2, RATE, 400), 8, ("no audio", "0 frames")),
+    # An empty data chunk, then metadata: the LIST chunk is not audio.
+    "empty-data-then-list": (
+        wav_header(Codec.L16, 2, RATE, 0) + b"LIST" + struct.pack("<I", 12) + b"INFOISFTcg\0\0",
+        8,
+        ("no audio", "0 frames"),
+    ),
     "streaming-less-than-a-frame": (
         streaming_header(Codec.L16, 2, RATE) + b"\x01",
         8,

@@ -43,7 +43,8 @@ def extensible(sub_tag: int, bits: int = 16, channels: int = 2) -> bytes:
 def test_parses_what_wav_header_writes(codec: Codec, channels: int, rate: int, frames: int) -> None:
     size = frames * channels * codec.sample_width
     head = wav_header(codec, channels, rate, size)
-    fmt = parse_wav_header(head + b"\x00" * size)
+    # The whole file: a data size of 0 then needs to know what follows it (here: nothing).
+    fmt = parse_wav_header(head + b"\x00" * size, at_eof=size == 0)
     assert fmt == WavFormat(codec, channels, rate, data_offset=len(head), data_size=size or None)
     assert fmt.frame_size == channels * codec.sample_width
     # The RIFF size counts everything after its own field, pad byte included.
@@ -121,15 +122,30 @@ def test_any_prefix_of_a_header_needs_more_data(n: int) -> None:
 @pytest.mark.parametrize("size", [0, 0xFFFFFFFF])
 def test_open_ended_data_size_is_none(size: int) -> None:
     head = riff(fmt_chunk(1, channels=2), b"data" + struct.pack("<I", size), size=0xFFFFFFFF)
-    fmt = parse_wav_header(head)
+    fmt = parse_wav_header(head + bytes(8))  # audio follows (a streaming writer, a crash)
     assert fmt.data_size is None and fmt.frames is None
     assert fmt.data_offset == len(head)
 
 
+def test_empty_data_chunk_followed_by_another_chunk_is_empty() -> None:
+    """Size 0 is also an empty data chunk: a LIST chunk right after it is not audio."""
+    head = riff(
+        fmt_chunk(1, channels=2), chunk(b"data", b""), chunk(b"LIST", b"INFOISFT" + bytes(8))
+    )
+    with pytest.raises(WavNeedMoreData) as info:
+        parse_wav_header(head[:44])  # which one it is needs the next chunk's header
+    assert info.value.needed == 52
+    assert parse_wav_header(head).data_size == 0
+    # The whole file with fewer than 8 bytes after a size 0: open-ended (audio or nothing).
+    assert parse_wav_header(head[:46], at_eof=True).data_size is None
+
+
 def test_extensible_format_uses_the_subformat_tag() -> None:
-    fmt = parse_wav_header(riff(extensible(1), chunk(b"data", b"")))
+    fmt = parse_wav_header(riff(extensible(1), chunk(b"data", b"")), at_eof=True)
     assert (fmt.codec, fmt.channels) == (Codec.L16, 2)
-    fmt = parse_wav_header(riff(extensible(6, bits=8, channels=1), chunk(b"data", b"")))
+    fmt = parse_wav_header(
+        riff(extensible(6, bits=8, channels=1), chunk(b"data", b"")), at_eof=True
+    )
     assert fmt.codec is Codec.PCMA
 
 

@@ -63,25 +63,34 @@ class WavDecoder:
                 return events
             except WavError as exc:
                 raise FileSourceError(str(exc)) from None
-            self._check(fmt)
-            self.format = fmt
-            self._remaining = fmt.data_size
-            events.append(self._started(fmt))
+            events.append(self._begin(fmt))
             data = bytes(self._head[fmt.data_offset :])
             self._head.clear()
         events.extend(self._audio(data))
         return events
 
+    def _begin(self, fmt: WavFormat) -> CallStarted:
+        self._check(fmt)
+        self.format = fmt
+        self._remaining = fmt.data_size
+        return self._started(fmt)
+
     def eof(self) -> list[IngressEvent]:
         """End of file: flush whole frames, drop a trailing partial frame, end the call."""
+        events: list[IngressEvent] = []
         if self.format is None:
             if not self._head:
                 raise FileSourceError("file is empty")
             try:
-                parse_wav_header(bytes(self._head), at_eof=True)
+                # Whole now: the header may parse where it waited for more (a data chunk of
+                # size 0 with less than a chunk header after it).
+                fmt = parse_wav_header(bytes(self._head), at_eof=True)
             except (WavError, WavNeedMoreData) as exc:
                 raise FileSourceError(str(exc) or "WAV header is truncated") from None
-        events = self._audio(b"", flush=True)
+            events.append(self._begin(fmt))
+            events.extend(self._audio(bytes(self._head[fmt.data_offset :])))
+            self._head.clear()
+        events += self._audio(b"", flush=True)
         if self._frames == 0:
             raise FileSourceError("WAV has no audio (0 frames)")
         self._ended = True

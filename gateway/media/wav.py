@@ -56,6 +56,12 @@ _TRUNCATED = "WAV header is truncated"
 
 # An all-ones (or zero) size is how streaming writers say "until the end of the file".
 _UNKNOWN_SIZES = (0, 0xFFFFFFFF)
+# Chunks that follow the audio in WAV files. A data chunk of size 0 followed by one of these is
+# empty, not open-ended (a streaming writer's size 0 is followed by audio).
+_TRAILING_CHUNKS = frozenset(
+    {b"LIST", b"list", b"id3 ", b"ID3 ", b"fact", b"cue ", b"smpl", b"inst", b"bext", b"JUNK"}
+    | {b"junk", b"PAD ", b"cart", b"iXML", b"_PMX", b"acid", b"DISP", b"plst", b"labl", b"note"}
+)
 
 
 class WavError(ValueError):
@@ -132,9 +138,12 @@ def parse_wav_header(head: bytes, *, at_eof: bool = False) -> WavFormat:
     """Parse the WAV header at the start of ``head`` (the first bytes of a file).
 
     Chunks before ``data`` (LIST, fact, JUNK, bext, ...) are skipped, honoring the pad byte after
-    odd-sized chunks. Raises :class:`WavNeedMoreData` when the header runs past ``head``, unless
-    ``at_eof`` says ``head`` is the whole file: then the file is truncated or lacks a chunk, and
-    :class:`WavError` says which. Raises :class:`WavError` for anything that is not a supported
+    odd-sized chunks. A data size of 0xFFFFFFFF means "until the end of the file"; so does 0,
+    unless another chunk (LIST, id3, ...) follows at once, which makes it an empty data chunk
+    (to tell, the 8 bytes after the data chunk's header are needed). Raises
+    :class:`WavNeedMoreData` when the header runs past ``head``, unless ``at_eof`` says ``head``
+    is the whole file: then the file is truncated or lacks a chunk, and :class:`WavError` says
+    which. Raises :class:`WavError` for anything that is not a supported
     WAV file. The channel count is not limited here.
     """
 
@@ -162,12 +171,19 @@ def parse_wav_header(head: bytes, *, at_eof: bool = False) -> WavFormat:
             if fmt is None:
                 raise WavError("WAV has no fmt chunk before its data chunk")
             codec, channels, rate = fmt
+            data_size = None if size in _UNKNOWN_SIZES else size
+            if size == 0:
+                # Empty, or open-ended? What follows tells: another chunk, or audio (or nothing).
+                if body + 8 > len(head) and not at_eof:
+                    raise WavNeedMoreData(body + 8, len(head))
+                if head[body : body + 4] in _TRAILING_CHUNKS:
+                    data_size = 0
             return WavFormat(
                 codec=codec,
                 channels=channels,
                 sample_rate=rate,
                 data_offset=body,
-                data_size=None if size in _UNKNOWN_SIZES else size,
+                data_size=data_size,
             )
         if chunk_id == b"fmt ":
             if body + size > len(head):
