@@ -29,6 +29,8 @@ from gateway.stt.session import SessionParams
 from tests.gateway_server import (
     Gateway,
     call_messages,
+    hello_engine,
+    ingress_settings_for,
     poll_until,
     running_gateway,
     send_messages,
@@ -344,3 +346,74 @@ async def test_dashboard_follows_a_live_call(tmp_path: Path) -> None:
     assert any(text.startswith("let me") for _, text in seen["partials"])
     assert not seen["stale"], f"partials shown for turns already final: {seen['stale']}"
     assert seen["live_left"] == 0  # the live area is empty once the call has ended
+
+
+async def test_dashboard_adds_a_lane_when_a_leg_joins_mid_call(tmp_path: Path) -> None:
+    """A SIPREC call gains a third participant (a re-INVITE appends an m-line): the open
+    dashboard grows a third lane under the new participant's name, and that leg's finals show
+    in the transcript with its speaker."""
+    from tests.siprec_peer import (
+        AORS,
+        NAMES,
+        SipUdpClient,
+        answer_ports,
+        establish,
+        play_rtp,
+        rs_metadata,
+        siprec_gateway,
+    )
+
+    siprec = {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "udp_port": 0,
+        "tcp_port": 0,
+        "allowlist": ["127.0.0.0/8"],
+        "rtp_port_min": 44000,
+        "rtp_port_max": 44999,
+    }
+    settings = ingress_settings_for(tmp_path, siprec=siprec, live={"keepalive_s": 0.5})
+    silence = b"\x00\x00" * 8000  # 1 s of 8 kHz PCM16
+    browser = await asyncio.to_thread(_start_chromium)
+    page = Page(browser)
+    try:
+        async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+            try:
+                target = ("127.0.0.1", svc.sip_ports["udp"])
+                client = await SipUdpClient.open()
+                dialog, ok = await establish(client, target)
+                two = [("127.0.0.1", p) for p in answer_ports(ok)]
+                await play_rtp(two, [silence, silence], speed=2.0)
+                call = gw.registry.get(dialog.call_id)
+                assert call is not None
+                await page.open(f"{gw.http}/#call={call.call_id}")
+                await page.wait_js("return document.querySelectorAll('#lanes .lane').length == 2")
+
+                names = (*NAMES, "Carol Supervisor")
+                aors = (*AORS, "sip:supervisor-2@pbx.example")
+                reinvite = dialog.reinvite((30000, 30002, 30004), metadata=rs_metadata(names, aors))
+                client.send(reinvite, target)
+                joined = await client.expect(200)
+                client.send(dialog.ack(), target)
+                await page.wait_js("return document.querySelectorAll('#lanes .lane').length == 3")
+                lane = await page.js(
+                    "return document.querySelector('#lanes .lane[data-channel=\"2\"] .spk')"
+                    ".textContent"
+                )
+                assert lane == "Carol Supervisor"
+                three = [("127.0.0.1", p) for p in answer_ports(joined)]
+                await play_rtp(three, [silence * 2, silence * 2, silence * 2])
+                client.send(dialog.bye(), target)
+                await client.expect(200)
+                await gw.idle()
+                finals = await page.wait_js(
+                    "const s = [...document.querySelectorAll('#finals li .spk')]"
+                    ".map((e) => e.textContent); "
+                    "return s.includes('Carol Supervisor') && s"
+                )
+                assert finals.count("Carol Supervisor") >= 1
+                client.close()
+            finally:
+                await page.open("about:blank")
+    finally:
+        await asyncio.to_thread(browser.quit)
