@@ -37,8 +37,11 @@ AORS = ("sip:+15550100001@carrier.example", "sip:agent-7@pbx.example")
 BOUNDARY = "callgate-test-boundary"
 
 
-def siprec_settings(data_dir: Path, **siprec: Any) -> Settings:
-    """Gateway settings with SIPREC on loopback (ephemeral SIP ports) plus section overrides."""
+def siprec_settings(
+    data_dir: Path, *, sections: dict[str, dict[str, Any]] | None = None, **siprec: Any
+) -> Settings:
+    """Gateway settings with SIPREC on loopback (ephemeral SIP ports) plus ``[siprec]``
+    overrides, and other sections' overrides in ``sections``."""
     conf: dict[str, Any] = {
         "enabled": True,
         "host": "127.0.0.1",
@@ -49,7 +52,7 @@ def siprec_settings(data_dir: Path, **siprec: Any) -> Settings:
         "rtp_port_max": 43999,
     }
     conf.update(siprec)
-    return ingress_settings_for(data_dir, siprec=conf)
+    return ingress_settings_for(data_dir, **(sections or {}), siprec=conf)
 
 
 @asynccontextmanager

@@ -30,11 +30,21 @@ from tests.gateway_server import (
     Gateway,
     call_messages,
     hello_engine,
-    ingress_settings_for,
     poll_until,
     running_gateway,
     send_messages,
     settings_for,
+)
+from tests.siprec_peer import (
+    AORS,
+    NAMES,
+    SipUdpClient,
+    answer_ports,
+    establish,
+    play_rtp,
+    rs_metadata,
+    siprec_gateway,
+    siprec_settings,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,27 +362,7 @@ async def test_dashboard_adds_a_lane_when_a_leg_joins_mid_call(tmp_path: Path) -
     """A SIPREC call gains a third participant (a re-INVITE appends an m-line): the open
     dashboard grows a third lane under the new participant's name, and that leg's finals show
     in the transcript with its speaker."""
-    from tests.siprec_peer import (
-        AORS,
-        NAMES,
-        SipUdpClient,
-        answer_ports,
-        establish,
-        play_rtp,
-        rs_metadata,
-        siprec_gateway,
-    )
-
-    siprec = {
-        "enabled": True,
-        "host": "127.0.0.1",
-        "udp_port": 0,
-        "tcp_port": 0,
-        "allowlist": ["127.0.0.0/8"],
-        "rtp_port_min": 44000,
-        "rtp_port_max": 44999,
-    }
-    settings = ingress_settings_for(tmp_path, siprec=siprec, live={"keepalive_s": 0.5})
+    settings = siprec_settings(tmp_path, sections={"live": {"keepalive_s": 0.5}})
     silence = b"\x00\x00" * 8000  # 1 s of 8 kHz PCM16
     browser = await asyncio.to_thread(_start_chromium)
     page = Page(browser)
