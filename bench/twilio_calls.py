@@ -459,7 +459,7 @@ class Scraper:
 
 @dataclass
 class Measured:
-    """One run of the other benches' timeline (:func:`measure_window`)."""
+    """One run of every bench's timeline (:func:`measure_window`)."""
 
     baseline: Scrape
     final: Scrape
@@ -467,8 +467,15 @@ class Measured:
     procs: list[ProcSample]
     scrapes: list[Scrape]
     window: tuple[float, float]
-    hwm_kib: int
+    hwm_kib: int  # VmHWM at the window's end
     sim_result: dict[str, Any]
+    go: float = 0.0  # when the calls were told to start
+    fds_baseline: int = 0
+    fds_steady: int = 0  # at the first sample inside the window
+    loadavg_window_end: str = ""
+    hwm_after_kib: int = 0  # VmHWM and VmRSS once the calls have ended
+    rss_after_kib: int = 0
+    scrape_error: str | None = None
 
 
 @dataclass
@@ -495,15 +502,16 @@ def measure_window(
     settle: float,
     seconds: float,
     audio_s: float,
+    linger_s: float = 2.0,
 ) -> Measured:
-    """After the simulator's warm-up call: take the baseline, say "go", sample /proc every
-    second over the window while /metrics is scraped from a thread (a saturated gateway
-    answers late, and that must not hold up the sampling), read the simulator's result, let
-    the calls end, then stop the gateway and the peer."""
+    """After the simulator's warm-up call (and ``linger_s`` for it to be stored): take the
+    baseline, say "go", sample /proc every second over the window while /metrics is scraped
+    from a thread (a saturated gateway answers late, and that must not hold up the sampling),
+    read the simulator's result, let the calls end, then stop the gateway and the peer."""
     warm = json.loads(sim.readline(60, "warm-up call"))
     if not warm["warm"]:
         raise RuntimeError(f"the warm-up call did not complete: {warm}")
-    time.sleep(2.0)
+    time.sleep(linger_s)
     pin(gw.proc.pid, gw_cores)
     load_pids = [peer.proc.pid, sim.proc.pid, os.getpid()]
 
@@ -518,20 +526,28 @@ def measure_window(
 
     baseline = scrape(base)
     base_proc = sample()
+    fds_baseline = fds(gw.proc.pid)
     scraper = Scraper(base)
     try:
         sim.send("go\n")
         go = time.monotonic()
+        # A fixed timeline: calls start over [go, go + ramp]; the window opens `settle` seconds
+        # after the last start, whether or not the gateway has them all up.
         window_at = go + ramp_s + settle
         window_end = window_at + seconds
         procs = [sample()]
+        fds_steady = 0
         while (now := time.monotonic()) < window_end:
             time.sleep(min(1.0, window_end - now))
             procs.append(sample())
+            if not fds_steady and procs[-1].at >= window_at:
+                fds_steady = fds(gw.proc.pid)
         hwm = mem_kib(gw.proc.pid, "VmHWM")
+        load = loadavg()
         sim_result = json.loads(sim.readline(audio_s + 180, "simulation result"))
     finally:
         scraper.stop()
+    # Let the calls end (redirect grace), drain their STT sessions and be stored.
     deadline = time.monotonic() + 120
     final = scrape(base)
     while time.monotonic() < deadline and final.value("callgate_calls_active") > 0:
@@ -539,10 +555,26 @@ def measure_window(
         final = scrape(base)
     time.sleep(1.0)
     final = scrape(base)
+    hwm_after = mem_kib(gw.proc.pid, "VmHWM")
+    rss_after = mem_kib(gw.proc.pid, "VmRSS")
     gw.stop(timeout=60)
     peer.stop()
     return Measured(
-        baseline, final, base_proc, procs, scraper.scrapes, (window_at, window_end), hwm, sim_result
+        baseline,
+        final,
+        base_proc,
+        procs,
+        scraper.scrapes,
+        (window_at, window_end),
+        hwm,
+        sim_result,
+        go=go,
+        fds_baseline=fds_baseline,
+        fds_steady=fds_steady,
+        loadavg_window_end=load,
+        hwm_after_kib=hwm_after,
+        rss_after_kib=rss_after,
+        scrape_error=scraper.error,
     )
 
 
@@ -582,6 +614,15 @@ def labelled_delta(before: Scrape, after: Scrape, name: str, key: str) -> dict[s
     return out
 
 
+def log_warnings(path: Path) -> list[str]:
+    """The warning, error and traceback lines of a child's log."""
+    return [
+        line
+        for line in path.read_text(errors="replace").splitlines()
+        if "warning" in line.lower() or "error" in line.lower() or "Traceback" in line
+    ]
+
+
 def run_one(
     n: int, args: argparse.Namespace, gw_cores: set[int], load_cores: set[int]
 ) -> dict[str, Any]:
@@ -589,7 +630,6 @@ def run_one(
     audio_s = ramp_s + args.settle + args.seconds + args.tail
     script_turns = stt_script(audio_s)
     children: list[Child] = []
-    scraper: Scraper | None = None
     with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp:
         script_path = Path(tmp) / "script.json"
         script_path.write_text(json.dumps(script_turns))
@@ -663,97 +703,50 @@ def run_one(
                     stdin=True,
                 )
                 children.append(sim)
-                warm = json.loads(sim.readline(60, "warm-up call"))
-                if not warm["warm"]:
-                    raise RuntimeError(f"the warm-up call did not complete: {warm}")
-                time.sleep(3.0)  # the warm-up call lingers (redirect grace), then is stored
-                pin(gw.proc.pid, gw_cores)
-                load_pids = [peer.proc.pid, sim.proc.pid, os.getpid()]
-
-                def sample() -> ProcSample:
-                    return ProcSample(
-                        time.monotonic(),
-                        cpu_s(gw.proc.pid),
-                        sum(cpu_s(p) for p in load_pids),
-                        mem_kib(gw.proc.pid, "VmRSS"),
-                        core_busy_s(),
-                    )
-
-                baseline = scrape(base)
-                base_proc = sample()
-                baseline_fds = fds(gw.proc.pid)
-                scraper = Scraper(base)
-                sim.send("go\n")
-                go = time.monotonic()
-                # A fixed timeline: calls start over [go, go + ramp]; the window opens `settle`
-                # seconds after the last start, whether or not the gateway has them all up.
-                window_at = go + ramp_s + args.settle
-                window_end = window_at + args.seconds
-                procs = [sample()]
-                steady_fds = 0
-                while (now := time.monotonic()) < window_end:
-                    time.sleep(min(1.0, window_end - now))
-                    procs.append(sample())
-                    if not steady_fds and procs[-1].at >= window_at:
-                        steady_fds = fds(gw.proc.pid)
-                hwm_window = mem_kib(gw.proc.pid, "VmHWM")
-                loadavg_window = loadavg()
-                result = json.loads(sim.readline(audio_s + 180, "simulation result"))
-                scraper.stop()
-                # Let the calls end (redirect grace), drain their STT sessions and be stored.
-                deadline = time.monotonic() + 120
-                while time.monotonic() < deadline:
-                    final = scrape(base)
-                    if final.value("callgate_calls_active") == 0:
-                        break
-                    time.sleep(0.5)
-                time.sleep(1.0)
-                final = scrape(base)
-                hwm = mem_kib(gw.proc.pid, "VmHWM")
-                rss_after = mem_kib(gw.proc.pid, "VmRSS")
-                gw.stop(timeout=60)
-                peer.stop()
-            gw_warnings = [
-                line
-                for line in gw_log_path.read_text(errors="replace").splitlines()
-                if "warning" in line.lower() or "error" in line.lower() or "Traceback" in line
-            ]
-            peer_warnings = [
-                line
-                for line in peer_log_path.read_text(errors="replace").splitlines()
-                if "warning" in line.lower() or "error" in line.lower() or "Traceback" in line
-            ]
+                # The warm-up call lingers (redirect grace), then is stored.
+                m = measure_window(
+                    gw,
+                    peer,
+                    sim,
+                    base,
+                    gw_cores,
+                    ramp_s=ramp_s,
+                    settle=args.settle,
+                    seconds=args.seconds,
+                    audio_s=audio_s,
+                    linger_s=3.0,
+                )
+            gw_warnings = log_warnings(gw_log_path)
+            peer_warnings = log_warnings(peer_log_path)
         finally:
-            if scraper is not None:
-                scraper.stop()
             for child in reversed(children):
                 child.stop(timeout=10)
 
     return summarize(
         n,
         ramp_s=ramp_s,
-        go=go,
-        window=(window_at, window_end),
-        procs=procs,
-        base_proc=base_proc,
-        scrapes=scraper.scrapes,
-        baseline=baseline,
-        final=final,
-        sim=result,
+        go=m.go,
+        window=m.window,
+        procs=m.procs,
+        base_proc=m.base_proc,
+        scrapes=m.scrapes,
+        baseline=m.baseline,
+        final=m.final,
+        sim=m.sim_result,
         script_turns=script_turns,
         gw_cores=gw_cores,
         extra={
-            "rss_peak_window_mib": round(hwm_window / 1024, 1),
-            "rss_peak_mib": round(hwm / 1024, 1),
-            "rss_after_calls_mib": round(rss_after / 1024, 1),
-            "fds_baseline": baseline_fds,
-            "fds_steady": steady_fds,
+            "rss_peak_window_mib": round(m.hwm_kib / 1024, 1),
+            "rss_peak_mib": round(m.hwm_after_kib / 1024, 1),
+            "rss_after_calls_mib": round(m.rss_after_kib / 1024, 1),
+            "fds_baseline": m.fds_baseline,
+            "fds_steady": m.fds_steady,
             "gateway_log_warnings": len(gw_warnings),
             "gateway_log_sample": gw_warnings[:3],
             "peer_log_warnings": len(peer_warnings),
             "peer_log_sample": peer_warnings[:3],
-            "scrape_error": scraper.error,
-            "loadavg_at_window_end": loadavg_window,
+            "scrape_error": m.scrape_error,
+            "loadavg_at_window_end": m.loadavg_window_end,
         },
     )
 
