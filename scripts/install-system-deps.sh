@@ -14,6 +14,7 @@ PACKAGES=(
     systemd           # tests/test_systemd_unit.py: systemd-analyze verify / security
     prometheus        # tests/test_monitoring_assets.py: promtool check rules / test rules / check metrics
     sip-tester        # tests/test_siprec_sipp.py: sipp (3.6.1) plays SIPREC calls from tests/sipp/*.xml
+    openssl           # tests/test_siprec_serve.py: a self-signed certificate for SIP over TLS
 )
 
 if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-query >/dev/null 2>&1; then

@@ -443,8 +443,12 @@ async def test_call_over_tcp(tmp_path: Path) -> None:
         }
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 async def test_options_over_tls(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.fail(
+            "openssl not found: install it with `sudo scripts/install-system-deps.sh`",
+            pytrace=False,
+        )
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     proc = await asyncio.create_subprocess_exec(
         *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),

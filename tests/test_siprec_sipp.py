@@ -34,10 +34,6 @@ from tests.test_transcribe_corpus import assert_meets_bars
 SIPP = shutil.which("sipp")
 SCENARIO = ROOT / "tests" / "sipp" / "siprec_uac.xml"
 
-pytestmark = pytest.mark.skipif(
-    SIPP is None, reason="sipp missing: scripts/install-system-deps.sh installs sip-tester"
-)
-
 
 def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
@@ -63,7 +59,12 @@ class Sipp:
 
 
 async def start_sipp(sip_port: int, prefix: str, pause_ms: int, workdir: Path) -> Sipp:
-    assert SIPP is not None
+    if SIPP is None:
+        pytest.fail(
+            "sipp not found: these tests need Debian's sip-tester package; install it with "
+            "`sudo scripts/install-system-deps.sh`",
+            pytrace=False,
+        )
     await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
     messages, errors = workdir / "messages.log", workdir / "errors.log"
     args = [

@@ -21,8 +21,8 @@ from gateway.transcript.scoring import (
     score,
     word_error_rate,
 )
+from tests.conftest import CALLS, ROOT
 
-CORPUS = Path("/work/shared/corpus/calls")
 ROLES = {0: "customer", 1: "agent"}
 
 
@@ -379,16 +379,25 @@ def perfect_hypothesis(turns: list[ReferenceTurn]) -> Transcript:
     )
 
 
-TRUTH_FILES = sorted(CORPUS.glob("*.truth.json")) if CORPUS.is_dir() else []
+# The corpus calls that travel with the repository (tests/data/README.md) and the sample.
+TRUTH_FILES = sorted(CALLS.glob("*.truth.json")) + sorted((ROOT / "samples").glob("*.truth.json"))
 
 
-@pytest.mark.skipif(not TRUTH_FILES, reason="corpus not present")
+def test_the_repository_carries_the_corpus_references() -> None:
+    assert len(TRUTH_FILES) >= 4, TRUTH_FILES
+
+
+def test_untranscribed_reference_loads_as_none(tmp_path: Path) -> None:
+    # The corpus marks real calls without a reference transcript with "turns": null.
+    path = tmp_path / "x_untranscribed.truth.json"
+    channels = [{"index": 0, "role": "customer"}, {"index": 1, "role": "agent"}]
+    path.write_text(json.dumps({"channels": channels, "duration_s": 245.4, "turns": None}))
+    assert load_reference(path) is None
+
+
 @pytest.mark.parametrize("path", TRUTH_FILES, ids=lambda p: p.name)
 def test_real_reference_scores_perfect_hypothesis(path: Path) -> None:
     turns = load_reference(path)
-    if turns is None:
-        assert "untranscribed" in path.name
-        return
     assert turns
     report = score(turns, perfect_hypothesis(turns))
     assert report.wer == 0.0, report.format()
