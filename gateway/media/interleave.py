@@ -6,15 +6,12 @@ Works on raw sample bytes of any fixed width (G.711 or L16 alike) without decodi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-_FORMATS: dict[int, Literal["B", "H", "I"]] = {
-    1: "B",
-    2: "H",
-    4: "I",
-}  # memoryview formats whose item size is the sample width
+# Unsigned integer dtypes whose item size is the sample width: moving samples needs no decoding.
+_DTYPES: dict[int, type[np.unsignedinteger[Any]]] = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
 
 def _check_width(sample_width: int) -> None:
@@ -39,12 +36,15 @@ def deinterleave(data: bytes, channels: int, sample_width: int) -> list[bytes]:
         )
     if channels == 1:
         return [bytes(data)]
-    fmt = _FORMATS.get(sample_width)
-    if fmt is not None:
-        # A strided view per channel, copied out in C: several times cheaper than numpy for the
-        # 20 ms frames of live streams (hundreds of bytes), where numpy's call overhead dominates.
-        samples = memoryview(data).cast("B").cast(fmt)
-        return [samples[c::channels].tobytes() for c in range(channels)]
+    dtype = _DTYPES.get(sample_width)
+    if dtype is not None:
+        # One transposing copy to planar order, then a slice per channel: about half the cost of
+        # a strided copy per channel for the 20 ms frames of live streams (hundreds of bytes).
+        planar = np.frombuffer(data, dtype=dtype).reshape(-1, channels).T.tobytes()
+        size = len(planar) // channels
+        if channels == 2:
+            return [planar[:size], planar[size:]]
+        return [planar[c * size : (c + 1) * size] for c in range(channels)]
     # One row per frame, one column per byte: channel c is a column slice, copied out by tobytes.
     grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, frame)
     return [grid[:, c * sample_width : (c + 1) * sample_width].tobytes() for c in range(channels)]
