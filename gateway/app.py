@@ -36,7 +36,14 @@ from aiohttp import web
 from gateway.api import routes as api
 from gateway.api.auth import ApiAuth, cors_middleware
 from gateway.api.routes import add_routes
-from gateway.calls.call import Call, CallOutput, CallState, CallStateChanged, Listener
+from gateway.calls.call import (
+    Call,
+    CallOutput,
+    CallState,
+    CallStateChanged,
+    CallUpdated,
+    Listener,
+)
 from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
@@ -55,7 +62,7 @@ from gateway.observability.metrics import (
 )
 from gateway.outputs.events import CallEvent
 from gateway.outputs.live import LiveHub
-from gateway.outputs.recorder import CallRecorder
+from gateway.outputs.recorder import CallRecorder, RecordedFormat
 from gateway.outputs.store import SqliteStore
 from gateway.outputs.transcript_files import TranscriptFiles
 from gateway.outputs.webhooks import WebhookSender, deliveries_for, event_body
@@ -298,16 +305,19 @@ def _record_calls(registry: CallRegistry, directory: Path) -> None:
 
     def on_output(call: Call, output: CallOutput) -> None:
         if isinstance(output, CallStateChanged) and output.state is CallState.ACTIVE:
-            first = next(iter(call.channels.values()))
-            recorder = CallRecorder(
-                directory / f"{call.call_id}.wav",
-                first.spec.codec,
-                first.spec.sample_rate,
-                len(call.channels),
-            )
+            formats = [
+                RecordedFormat(c.spec.codec, c.spec.sample_rate) for c in call.channels.values()
+            ]
+            recorder = CallRecorder(directory / f"{call.call_id}.wav", formats)
             recorders[call.call_id] = recorder
             call.metadata["recording"] = str(recorder.path)
             call.add_audio_tap(recorder.feed)
+        elif isinstance(output, CallUpdated) and output.change == "channel_added":
+            widened = recorders.get(call.call_id)
+            added = call.channels.get(output.channel) if output.channel is not None else None
+            if widened is not None and added is not None:
+                fmt = RecordedFormat(added.spec.codec, added.spec.sample_rate)
+                widened.add_channel(added.spec.index, fmt, added.start)
 
     async def finished(live: LiveCall) -> None:
         recorder = recorders.pop(live.call_id, None)

@@ -1,12 +1,16 @@
-"""Call recording: one multi-channel WAV on the call clock, gaps as silence."""
+"""Call recording: one multi-channel WAV on the call clock, gaps as silence, legs added
+mid-call and legs in different formats."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import numpy as np
+
 from gateway.ingress.file import probe_wav
-from gateway.media.codec import Codec, encode
+from gateway.media.codec import Codec, decode, encode, float32_to_pcm16, pcm16_to_float32
+from gateway.outputs.recorder import CallRecorder, RecordedFormat
 from gateway.simulate.twilio import SimulationOptions, load_call_audio, simulate_calls
 from tests.conftest import call_path
 from tests.gateway_server import TOKEN, hello_engine, running_gateway, settings_for
@@ -41,3 +45,75 @@ async def test_recording_holds_each_channel_on_the_call_clock(tmp_path: Path) ->
     assert inbound[:16000] == sent_in[:16000]
     assert inbound[16000:20000] == b"\xff" * 4000
     assert inbound[20000:] == sent_in[20000 : len(inbound)]
+
+
+def _columns(path: Path, channels: int, width: int) -> list[bytes]:
+    raw = path.read_bytes()
+    data = raw[raw.index(b"data") + 8 :]
+    frame = channels * width
+    data = data[: len(data) - len(data) % frame]  # the RIFF pad byte, if any
+    return [
+        b"".join(data[i + c * width : i + (c + 1) * width] for i in range(0, len(data), frame))
+        for c in range(channels)
+    ]
+
+
+def _feed(recorder: CallRecorder, channel: int, data: bytes, step: int = 160) -> None:
+    for i in range(0, len(data), step):
+        recorder.feed(channel, data[i : i + step])
+
+
+async def test_a_leg_added_mid_call_widens_the_file_already_written(tmp_path: Path) -> None:
+    # Two legs for 5 s (two blocks reach the disk), then a third joins at 5 s and all three go
+    # on for 2.5 s: the file holds three channels, the third silent until it joined.
+    pcmu = RecordedFormat(Codec.PCMU, 8000)
+    recorder = CallRecorder(tmp_path / "call.wav", [pcmu, pcmu])
+    legs = [bytes(range(0, 250, 5)) * 1000, bytes(range(1, 251, 5)) * 1000]  # 50000 B each
+    first = [leg[:40000] for leg in legs]
+    for channel, data in enumerate(first):
+        _feed(recorder, channel, data)
+    await asyncio.sleep(0.2)  # let the writer put the first blocks on disk
+    size = (await asyncio.to_thread((tmp_path / "call.wav").stat)).st_size
+    assert size > 30000
+    recorder.add_channel(2, RecordedFormat(Codec.PCMA, 8000), start=40000)
+    third = bytes(range(7, 207, 2)) * 200  # 20000 B of A-law
+    for channel, data in enumerate([leg[40000:] for leg in legs]):
+        _feed(recorder, channel, data)
+    _feed(recorder, 2, third[:10000])
+    path = await recorder.close()
+
+    fmt = await asyncio.to_thread(probe_wav, path)
+    assert (fmt.codec, fmt.channels, fmt.sample_rate) == (Codec.PCMU, 3, 8000)
+    assert not await asyncio.to_thread(path.with_name(path.name + ".widen").exists)
+    c0, c1, c2 = await asyncio.to_thread(_columns, path, 3, 1)
+    assert c0 == legs[0] and c1 == legs[1]
+    # Silent (µ-law silence) until it joined, then its A-law transcoded to the file's µ-law.
+    assert c2 == b"\xff" * 40000 + encode(Codec.PCMU, decode(Codec.PCMA, third[:10000]))
+
+
+async def test_legs_in_different_formats_are_recorded_as_l16_at_the_top_rate(
+    tmp_path: Path,
+) -> None:
+    # A-law at 8 kHz and L16 at 16 kHz: the file is L16/16000, the A-law leg decoded and
+    # resampled, still a 1 kHz tone of the same length, on the same clock as the other leg.
+    t = np.arange(8000 * 2) / 8000
+    tone = encode(Codec.PCMA, float32_to_pcm16(0.5 * np.sin(2 * np.pi * 1000 * t)))
+    wide = float32_to_pcm16(0.25 * np.sin(2 * np.pi * 3000 * np.arange(16000 * 2) / 16000))
+    recorder = CallRecorder(
+        tmp_path / "mixed.wav",
+        [RecordedFormat(Codec.PCMA, 8000), RecordedFormat(Codec.L16, 16000)],
+    )
+    _feed(recorder, 0, tone, 160)
+    _feed(recorder, 1, wide, 640)
+    path = await recorder.close()
+
+    fmt = await asyncio.to_thread(probe_wav, path)
+    assert (fmt.codec, fmt.channels, fmt.sample_rate) == (Codec.L16, 2, 16000)
+    c0, c1 = await asyncio.to_thread(_columns, path, 2, 2)
+    assert c1 == wide
+    assert len(c0) == len(wide)  # 2 s at 16 kHz, resampler tail included
+    x = pcm16_to_float32(c0)
+    spectrum = np.abs(np.fft.rfft(x[2000:-2000]))
+    peak_hz = np.argmax(spectrum) * 16000 / len(x[2000:-2000])
+    assert abs(peak_hz - 1000) < 5
+    assert 0.3 < np.max(np.abs(x[2000:-2000])) < 0.6  # the tone's level survived

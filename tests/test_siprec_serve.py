@@ -18,10 +18,12 @@ import ssl
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
 
 from gateway.app import drain
 from gateway.calls.call import Call, CallOutput, CallUpdated
+from gateway.ingress.file import probe_wav
 from gateway.ingress.siprec.dialog import IncomingCall
 from gateway.ingress.siprec.message import (
     SipParser,
@@ -30,7 +32,7 @@ from gateway.ingress.siprec.message import (
     build_response,
     parse_name_addr,
 )
-from gateway.media.codec import Codec, decode, encode
+from gateway.media.codec import Codec, decode, encode, float32_to_pcm16
 from tests.gateway_server import Gateway, hello_engine, metric, poll_until
 from tests.siprec_peer import (
     AORS,
@@ -46,6 +48,8 @@ from tests.siprec_peer import (
 )
 
 SILENCE = b"\x00\x00" * 16000  # 2 s of 8 kHz PCM16 per channel
+# 2 s of a 440 Hz tone, 8 kHz PCM16 (never µ-law silence once encoded)
+TONE = float32_to_pcm16(0.3 * np.sin(2 * np.pi * 440 * (np.arange(16000) + 0.5) / 8000))
 
 
 async def _call_json(gw: Gateway, call_id: str) -> dict[str, object]:
@@ -239,8 +243,10 @@ async def test_reinvite_with_another_codec_keeps_the_audio(tmp_path: Path) -> No
 async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -> None:
     """A third participant joins (a conference): the re-INVITE appends an m-line and names its
     sender. It gets its own port, its audio is transcribed from the call time it joined at,
-    under the new participant's name, and the call's two legs go on untouched."""
-    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+    under the new participant's name, and the call's two legs go on untouched. The call's
+    recording grows a third channel, silent until the leg joined."""
+    settings = siprec_settings(tmp_path, sections={"recording": {"enabled": True}})
+    async with siprec_gateway(settings, hello_engine()) as (gw, svc):
         updates: list[tuple[str, int | None]] = []
         gw.registry.add_listener(
             lambda call, o: (
@@ -269,7 +275,7 @@ async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -
         added_at = call.channels[2].start * 1000 // 8000
         assert 700 <= added_at <= 1500  # where the other legs were when it joined (~1 s)
         three = [("127.0.0.1", p) for p in ports]
-        await play_rtp(three, [SILENCE, SILENCE, SILENCE])  # 2 s on every leg
+        await play_rtp(three, [SILENCE, SILENCE, TONE])  # 2 s on every leg
         client.send(dialog.bye(), target)
         await client.expect(200)
         await gw.idle()
@@ -294,6 +300,21 @@ async def test_reinvite_adding_a_stream_adds_a_leg_to_the_call(tmp_path: Path) -
         assert call.channels[2].clock.late_frames <= 10
         assert svc.ports.in_use == 0
         client.close()
+
+    recording = Path(stored["metadata"]["recording"])
+    fmt = await asyncio.to_thread(probe_wav, recording)
+    assert (fmt.codec, fmt.channels, fmt.sample_rate) == (Codec.PCMU, 3, 8000)
+    raw = await asyncio.to_thread(recording.read_bytes)
+    at = raw.index(b"data")
+    data = raw[at + 8 : at + 8 + int.from_bytes(raw[at + 4 : at + 8], "little")]
+    legs = [data[c::3] for c in range(3)]
+    assert len(legs[0]) == len(legs[1]) == len(legs[2])
+    assert len(legs[0]) // 8 == stored["duration_ms"]
+    assert set(legs[0]) == set(legs[1]) == {0xFF}  # the first two legs sent silence throughout
+    # The third: µ-law silence until it joined, then its tone (a few late frames aside).
+    sound = [i for i, b in enumerate(legs[2]) if b != 0xFF]
+    assert abs(sound[0] - added_at * 8) <= 10 * 160
+    assert len(sound) >= len(TONE) // 2 - 10 * 160
 
 
 async def test_srtp_call_is_decrypted_and_forged_packets_are_counted(tmp_path: Path) -> None:
