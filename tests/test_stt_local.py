@@ -24,16 +24,27 @@ async def test_partials_then_one_final_per_turn_on_the_call_clock(
         SessionParams(channel=0, codec=Codec.L16, sample_rate=8000, offset_ms=offset_ms)
     )
     events: list[object] = []
+    partial_seen = asyncio.Event()
 
     async def read() -> None:
         async for event in session.events():
             events.append(event)
+            if isinstance(event, TurnUpdate) and not event.final:
+                partial_seen.set()
 
     reader = asyncio.create_task(read())
-    chunk = 1600  # 100 ms
-    for i in range(0, len(audio), chunk * 2):
-        await session.send(audio[i : i + chunk * 2])
-        await asyncio.sleep(0.05)  # 2x real time: partials keep up even on a loaded machine
+    chunk = 1600 * 2  # 100 ms of L16
+    middle = 7 * 8000 * 2  # 12 s into the call: the turn is open, with 6 s of it sent
+    for i in range(0, middle, chunk):
+        await session.send(audio[i : i + chunk])
+        await asyncio.sleep(0.05)  # 2x real time
+    # A partial must come while the turn is open. On a loaded machine the engine may still be
+    # catching up, so wait for it (bounded) rather than racing the rest of the audio.
+    async with asyncio.timeout(60):
+        await partial_seen.wait()
+    for i in range(middle, len(audio), chunk):
+        await session.send(audio[i : i + chunk])
+        await asyncio.sleep(0.05)
     await session.finish()
     await reader
 
