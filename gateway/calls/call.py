@@ -174,7 +174,7 @@ class Call:
     async def handle(self, event: IngressEvent) -> None:
         """Apply one normalized ingress event. May wait for STT backpressure."""
         if isinstance(event, Audio):
-            await self._audio(event)
+            await self.audio(event)
         elif isinstance(event, Gap):
             await self._gap(event)
         elif isinstance(event, CallStarted):
@@ -306,8 +306,10 @@ class Call:
             raise CallError(f"call {self.call_id}: unknown channel {index}")
         return channel
 
-    async def _audio(self, event: Audio) -> None:
-        # The hot path (every 20 ms frame): _require and _channel inlined.
+    async def audio(self, event: Audio) -> None:
+        """``handle(event)`` for audio, without the dispatch: every frame of every call comes
+        here. May wait for STT backpressure."""
+        # _require and _channel inlined.
         if self.state is not CallState.ACTIVE:
             raise CallError(f"call {self.call_id} is {self.state.value}")
         channel = self.channels.get(event.channel)

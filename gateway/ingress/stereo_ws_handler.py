@@ -183,6 +183,14 @@ class _Stream:
                     elif msg.type is WSMsgType.BINARY:
                         self.counter.add(len(msg.data))
                         events = self.decoder.receive_binary(msg.data)
+                        if self.live is not None:  # the hot path: one frame of a started call
+                            self.rate.check(self.decoder.media_ms_received)
+                            for event in events:
+                                if type(event) is Audio:
+                                    await self._audio(event)
+                                else:
+                                    await self._event(event)
+                            continue
                     elif msg.type is WSMsgType.ERROR:
                         raise StreamError("transport_error", repr(self.ws.exception()))
                     else:
@@ -226,15 +234,15 @@ class _Stream:
             await self._call_handle(event)
 
     async def _audio(self, event: Audio) -> None:
+        """One channel's part of a frame (the caller checked the rate for the frame)."""
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
-        self.rate.check(self.decoder.media_ms_received)
-        now = time.monotonic()
         if live.first_media_at is None:
-            live.first_media_at = now
+            live.first_media_at = time.monotonic()
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
+            now = time.monotonic()
             event = placement.place(event, lambda: live.continuation_base(now))
-        await self._call_handle(event)
+        await feed_call(live.call, event, self.link)
 
     async def _call_handle(self, event: IngressEvent) -> None:
         if self.live is not None:

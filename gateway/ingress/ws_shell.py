@@ -17,7 +17,7 @@ from gateway.calls.call import Call, CallError, CallOptions
 from gateway.calls.live import ContinuationError, LiveCall, StreamLink, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import Settings
-from gateway.ingress.events import CallStarted, IngressEvent
+from gateway.ingress.events import Audio, CallStarted, IngressEvent
 from gateway.media.clock import TimestampJump
 from gateway.observability.metrics import Metrics
 from gateway.stt.engines import EngineSet
@@ -69,7 +69,10 @@ async def feed_call(call: Call, event: IngressEvent, link: _ClosedByCall) -> Non
     """``call.handle(event)``, with the call's refusals raised as :class:`StreamError`
     (``bad_timestamp``, ``call_error``); none once the call itself closed the stream."""
     try:
-        await call.handle(event)
+        if type(event) is Audio:  # nearly every event: skip the dispatch
+            await call.audio(event)
+        else:
+            await call.handle(event)
     except TimestampJump as exc:
         raise StreamError("bad_timestamp", str(exc)) from None
     except CallError as exc:
