@@ -144,6 +144,20 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path) -> None:
             assert value == 1, name
 
 
+async def test_audio_far_faster_than_real_time_closes_the_stream(tmp_path: Path) -> None:
+    # 4 s of stereo frames at once, against 1.5x real time plus a 1 s burst: rate_exceeded,
+    # checked on the per-frame fast path of a started call.
+    settings = ingress_settings_for(tmp_path, calls={"max_speed": 1.5, "burst_s": 1.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        frame = b"\x00\x00" * 2 * 160  # 20 ms of 8 kHz stereo L16
+        code, reason = await _raw(gw.ws(PATH), ["{}", *[frame] * 200])
+        assert code == 1008 and reason.startswith("rate_exceeded: "), (code, reason)
+        await gw.idle()
+        metrics = await gw.metrics()
+        reasons = {"source": "stereo_ws", "reason": "rate_exceeded"}
+        assert metric(metrics, "callgate_stream_errors_total", **reasons) == 1
+
+
 async def test_cli_simulate_stereo_ws(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
