@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from gateway.outputs.events import CallEvent, EventLog
-from gateway.outputs.live import LiveHub, Subscription
+from gateway.outputs.live import CallPublisher, LiveHub, Subscription
 
 
 def _turn(key: str, text: str) -> dict[str, Any]:
@@ -100,3 +101,35 @@ def test_sink_fast_path_keeps_order_with_queued_items() -> None:
     sub.push(3)  # must not overtake 2, which is still queued
     assert written == [1]
     assert sub.pending == 2
+
+
+async def test_a_subscriber_joining_during_a_save_gets_that_event_once_and_after_it_is_saved() -> (
+    None
+):
+    # The publisher has logged the final and is waiting for the store: a subscriber joining now
+    # must not get it in its backlog (not saved yet), but live once it is, and only once.
+    gate = asyncio.Event()
+    saved: list[int] = []
+
+    async def persist(event: CallEvent, extra: object) -> None:
+        await gate.wait()
+        saved.append(event.seq)
+
+    hub = LiveHub(persist=persist)
+    call: Any = SimpleNamespace(call_id="c1")
+    publisher = CallPublisher(hub, call)
+    hub._publishers["c1"] = publisher
+    publisher._queue.put_nowait(("call.started", {}, None, 0.0))
+    publisher._queue.put_nowait(("turn.final", {"key": "0:0:0", "text": "hi"}, None, 0.0))
+    await asyncio.sleep(0.01)  # seq 1 is logged and waiting for the store
+    subscribed = hub.subscribe("c1", 0)
+    assert subscribed is not None
+    assert subscribed.backlog == [] and saved == []
+    gate.set()
+    await asyncio.sleep(0.01)
+    live = [subscribed.sub._queue.get_nowait().seq for _ in range(subscribed.sub.pending)]
+    assert live == [1, 2] and saved == [1, 2]
+    # Once everything is published, a new subscriber gets it all as backlog.
+    late = hub.subscribe("c1", 0)
+    assert late is not None and [e.seq for e in late.backlog] == [1, 2]
+    await publisher.cancel()

@@ -131,6 +131,10 @@ class CallPublisher:
         self.hub = hub
         self.call_id = call.call_id
         self.log = EventLog(call.call_id, keep_full=_KEEP_RECENT)
+        # The newest event handed to subscribers. The log runs ahead of it while an event is
+        # being persisted: a subscriber joining then gets that event live, not in its backlog
+        # (persist before publish, and each event once).
+        self.published_seq = 0
         self.subscribers: set[Subscription] = set()
         self._compact_at = _COMPACT_AT
         self._queue: asyncio.Queue[
@@ -275,6 +279,7 @@ class LiveHub:
 
     def publish(self, publisher: CallPublisher, event: CallEvent) -> None:
         self.published += 1
+        publisher.published_seq = event.seq
         for sub in list(publisher.subscribers):
             sub.push(event)
             if sub.closed_reason is not None:
@@ -321,10 +326,11 @@ class LiveHub:
         if publisher is None:
             return None
         log = publisher.log
-        backlog = list(log.after(after))
+        published = publisher.published_seq
+        backlog = [event for event in log.after(after) if event.seq <= published]
         first = log.first_seq
         sub = Subscription(self.queue_limit)
-        if log.closed:
+        if log.closed and published >= log.last_seq:
             sub.close("call_ended")
         else:
             publisher.subscribers.add(sub)
