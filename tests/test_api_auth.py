@@ -7,6 +7,7 @@ finished call.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.gateway_server import (
     Gateway,
     call_messages,
     hello_engine,
+    poll_until,
     running_gateway,
     send_messages,
     settings_for,
@@ -193,6 +195,41 @@ async def test_admin_token_deletes_and_read_token_cannot(tmp_path: Path) -> None
         assert (await _status(gw, "GET", path, token=READ_TOKEN)).status == 200
         assert (await _status(gw, "DELETE", path, query_token=ADMIN_TOKEN)).status == 204
         assert (await _status(gw, "GET", path, token=ADMIN_TOKEN)).status == 404
+
+
+async def test_a_call_still_being_saved_cannot_be_deleted_yet(tmp_path: Path) -> None:
+    # The call has ended but its finish hooks (last events, transcript file, webhooks) are still
+    # running: DELETE says 409 and when to retry, instead of deleting what those writes would
+    # then bring back. Once they are done, DELETE removes it for good.
+    settings = settings_for(tmp_path, api={"admin_tokens": [ADMIN_TOKEN]})
+    async with running_gateway(settings, hello_engine()) as gw:
+        release = asyncio.Event()
+        gw.registry.on_finished(lambda live: release.wait())
+        closed = await send_messages(gw.ws(), call_messages(CALL_SID, 1.0))
+        assert (closed.code, closed.reason) == (1000, "stop")
+        call = gw.registry.get(CALL_SID)
+        assert call is not None
+        await poll_until(lambda: call.state.value == "ended")
+        path = f"/v1/calls/{CALL_SID}"
+        early = await _status(gw, "DELETE", path, token=ADMIN_TOKEN)
+        assert early.status == 409 and early.headers["Retry-After"] == "1"
+        release.set()
+        await gw.idle()
+        assert (await _status(gw, "DELETE", path, token=ADMIN_TOKEN)).status == 204
+        assert (await _status(gw, "GET", path, token=ADMIN_TOKEN)).status == 404
+        assert not await asyncio.to_thread(
+            (gw.data_dir / "transcripts" / f"{call.call_id}.json").exists
+        )
+
+
+async def test_huge_resume_point_is_a_bad_request(tmp_path: Path) -> None:
+    async with _gateway(tmp_path, tokens=[READ_TOKEN]) as gw:
+        path = f"/v1/calls/{CALL_SID}/events"
+        for value in (str(2**63), "1" + "0" * 20):
+            resp = await _status(
+                gw, "GET", path, token=READ_TOKEN, headers={"Last-Event-ID": value}
+            )
+            assert resp.status == 400, value
 
 
 async def test_websocket_feed_takes_the_token_as_access_token(tmp_path: Path) -> None:

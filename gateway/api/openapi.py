@@ -566,7 +566,10 @@ def _delete_call() -> dict[str, Any]:
         "responses": {
             "204": {"description": "Deleted."},
             **_guarded("404"),
-            "409": _error("The call is still active (`new`, `active` or `ending`)."),
+            "409": _error(
+                "The call is still active (`new`, `active` or `ending`), or has just ended and "
+                "is still being saved (`Retry-After: 1`)."
+            ),
         },
     }
 

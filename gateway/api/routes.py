@@ -222,6 +222,13 @@ async def delete_call(request: web.Request) -> web.Response:
     call, summary = await _find(request)
     if summary["state"] in ("new", "active", "ending"):
         raise web.HTTPConflict(text="the call is still active\n")
+    if request.app[REGISTRY].finishing(summary["id"]):
+        # Ended, but its last events, transcript file and webhooks are still being written:
+        # deleting now would let those writes bring the call back.
+        raise web.HTTPConflict(
+            text="the call has just ended and is still being saved; retry shortly\n",
+            headers={"Retry-After": "1"},
+        )
     store = _store(request)
     deleted = await store.delete_call(summary["id"]) if store is not None else False
     request.app[REGISTRY].forget(summary["id"])
@@ -267,6 +274,9 @@ async def get_transcript(request: web.Request) -> web.Response:
 # -- live feeds -----------------------------------------------------------------------------------
 
 
+_MAX_SEQ = 2**63 - 1  # SQLite's integer range: sequence numbers are stored there
+
+
 def _resume_point(request: web.Request, *, header: bool) -> int | None:
     raw = request.headers.get("Last-Event-ID") if header else None
     if not raw:
@@ -277,8 +287,8 @@ def _resume_point(request: web.Request, *, header: bool) -> int | None:
         value = int(raw)
     except ValueError:
         raise web.HTTPBadRequest(text="Last-Event-ID / after must be an integer\n") from None
-    if value < 0:
-        raise web.HTTPBadRequest(text="Last-Event-ID / after must be >= 0\n")
+    if not 0 <= value <= _MAX_SEQ:
+        raise web.HTTPBadRequest(text=f"Last-Event-ID / after must be in [0, {_MAX_SEQ}]\n")
     return value
 
 

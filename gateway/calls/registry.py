@@ -75,6 +75,11 @@ class CallRegistry:
     def active(self) -> Iterator[LiveCall]:
         return iter(list(self._active.values()))
 
+    def finishing(self, call_id: str) -> bool:
+        """Whether the call is still active or running its finish hooks (store, files,
+        webhooks): until then its outputs are incomplete and deleting it would race them."""
+        return call_id in self._active
+
     def recent(self) -> Iterator[Call]:
         """Finished calls, newest last."""
         return iter(list(self._recent.values()))
