@@ -133,3 +133,16 @@ async def test_a_subscriber_joining_during_a_save_gets_that_event_once_and_after
     late = hub.subscribe("c1", 0)
     assert late is not None and [e.seq for e in late.backlog] == [1, 2]
     await publisher.cancel()
+
+
+def test_a_firehose_resume_from_before_a_restart_reports_a_gap_and_replays_the_buffer() -> None:
+    # The gateway restarted: its ids start again at 1, and a dashboard comes back with 5000.
+    hub = LiveHub(firehose_buffer=100)
+    publisher: Any = SimpleNamespace(subscribers=set())
+    for i in range(30):
+        hub.publish(publisher, CallEvent("c1", i + 1, "turn.final", 0.0, {"key": f"0:0:{i}"}))
+    backlog, _sub, complete = hub.subscribe_all(5000)
+    assert not complete
+    assert [item.gseq for item in backlog] == list(range(1, 31))
+    current, _sub, complete = hub.subscribe_all(30)
+    assert complete and current == []

@@ -98,7 +98,8 @@ behind).
 Without `Last-Event-ID` / `after` it sends only the events published from now on. With one, it \
 first replays the buffered events after that id (the last `live.firehose_buffer` events); when \
 some of the events after that id are no longer buffered, it first sends an `error` event with \
-reason `resume_gap`.
+reason `resume_gap`. Ids start again at 1 when the gateway restarts: an id beyond the newest one \
+is taken as from before a restart, answered with `resume_gap` and a replay of the whole buffer.
 """
 
 

@@ -404,10 +404,14 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
             await resp.write(_sse_event(event.seq, event))
         return resp
     sub = subscribed.sub
-    backlog = await _with_stored(request, call_id, after, subscribed)
-    if not backlog and sub.closed_reason == "call_ended":
-        return web.Response(status=204)
-    resp = await _open_sse(request)
+    try:
+        backlog = await _with_stored(request, call_id, after, subscribed)
+        if not backlog and sub.closed_reason == "call_ended":
+            return web.Response(status=204)
+        resp = await _open_sse(request)
+    except BaseException:
+        hub.unsubscribe(call_id, sub)  # the store or the client failed before the feed began
+        raise
     try:
         for event in backlog:
             await resp.write(_sse_event(event.seq, event))
@@ -486,7 +490,11 @@ async def firehose_sse(request: web.Request) -> web.StreamResponse:
         return await _open_sse(request)  # a HEAD response has no content
     hub = request.app[HUB]
     backlog, sub, complete = hub.subscribe_all(after)
-    resp = await _open_sse(request)
+    try:
+        resp = await _open_sse(request)
+    except BaseException:
+        hub.unsubscribe_all(sub)  # the client left before the feed began
+        raise
     try:
         if not complete:
             oldest = backlog[0].gseq if backlog else hub.last_gseq + 1  # the first id replayed

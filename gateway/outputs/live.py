@@ -343,14 +343,18 @@ class LiveHub:
 
     def subscribe_all(self, after: int | None) -> tuple[list[FirehoseEvent], Subscription, bool]:
         """(backlog, subscription, complete): ``complete`` is False when ``after`` is older than
-        the buffer (some events cannot be replayed). ``after`` None = only new events."""
+        the buffer (some events cannot be replayed), or beyond the newest id: an id from before
+        a restart (ids start again at 1), so the whole buffer is replayed. ``after`` None = only
+        new events."""
         sub = Subscription(self.queue_limit)
         self._all.add(sub)
         if after is None:
             return [], sub, True
+        if after > self._gseq:
+            return list(self._firehose), sub, False
         backlog = [item for item in self._firehose if item.gseq > after]
         oldest = self._firehose[0].gseq if self._firehose else self._gseq + 1
-        complete = after >= oldest - 1 or after >= self._gseq
+        complete = after >= oldest - 1
         return backlog, sub, complete
 
     def unsubscribe_all(self, sub: Subscription) -> None:
