@@ -272,7 +272,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     hub.persist = persist
     retention = (
         app[REGISTRY].spawn(
-            _purge_old_calls(store, settings.store.retention_days), "store-retention"
+            _purge_old_calls(app, store, settings.store.retention_days), "store-retention"
         )
         if settings.store.retention_days > 0
         else None
@@ -287,13 +287,25 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
-async def _purge_old_calls(store: SqliteStore, days: float) -> None:
-    """Delete finished calls older than the retention period, hourly."""
+async def purge_old_calls(app: web.Application, store: SqliteStore, days: float) -> int:
+    """Delete the finished calls older than ``days`` from the store, from memory, and their
+    files (as ``DELETE /v1/calls/{id}`` does). Returns how many."""
+    removed = await store.purge(time.time() - days * 86400)
+    for summary in removed:
+        app[REGISTRY].forget(summary["id"])
+        app[api.HUB].forget(summary["id"])
+        for hook in app.get(api.ON_DELETE, ()):
+            await hook(summary)
+    if removed:
+        log.info("store.purged", calls=len(removed), retention_days=days)
+    return len(removed)
+
+
+async def _purge_old_calls(app: web.Application, store: SqliteStore, days: float) -> None:
+    """:func:`purge_old_calls` hourly."""
     while True:
         try:
-            removed = await store.purge(time.time() - days * 86400)
-            if removed:
-                log.info("store.purged", calls=removed, retention_days=days)
+            await purge_old_calls(app, store, days)
         except Exception as exc:  # noqa: BLE001 - retention must never stop the gateway
             log.error("store.purge_failed", error=repr(exc))
         await asyncio.sleep(3600)

@@ -20,6 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from gateway.api.auth import Access, ApiAuth
+from gateway.api.routes import STORE
+from gateway.app import purge_old_calls
 from gateway.config import ApiSettings
 from tests.gateway_server import (
     Gateway,
@@ -220,6 +222,28 @@ async def test_a_call_still_being_saved_cannot_be_deleted_yet(tmp_path: Path) ->
         assert not await asyncio.to_thread(
             (gw.data_dir / "transcripts" / f"{call.call_id}.json").exists
         )
+
+
+async def test_retention_removes_a_call_from_the_store_memory_and_disk(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, api={"admin_tokens": [ADMIN_TOKEN]}, recording={"enabled": True}
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        closed = await send_messages(gw.ws(), call_messages(CALL_SID, 1.0))
+        assert (closed.code, closed.reason) == (1000, "stop")
+        await gw.idle()
+        call = gw.registry.get(CALL_SID)
+        assert call is not None
+        files = [
+            gw.data_dir / "transcripts" / f"{call.call_id}.json",
+            Path(call.metadata["recording"]),
+        ]
+        assert all(await asyncio.gather(*(asyncio.to_thread(f.exists) for f in files)))
+        assert await purge_old_calls(gw.app, gw.app[STORE], days=0) == 1
+        path = f"/v1/calls/{CALL_SID}"
+        assert (await _status(gw, "GET", path, token=ADMIN_TOKEN)).status == 404
+        assert gw.registry.get(CALL_SID) is None
+        assert not any(await asyncio.gather(*(asyncio.to_thread(f.exists) for f in files)))
 
 
 async def test_huge_resume_point_is_a_bad_request(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import os
 import signal
 import sqlite3
@@ -371,7 +372,8 @@ async def test_delete_and_purge(store: SqliteStore) -> None:
     assert await store.get_call("CA-old-failed") is None
     assert await store.events("old-failed") == []
 
-    assert await store.purge(older_than=500.0) == 1  # old-ended (live and recent stay)
+    purged = await store.purge(older_than=500.0)  # old-ended (live and recent stay)
+    assert [(c["id"], c["metadata"]) for c in purged] == [("old-ended", {"queue": "support"})]
     remaining, _ = await store.list_calls()
     assert sorted(c["id"] for c in remaining) == ["live", "recent"]
     assert await store.events("old-ended") == []
@@ -385,10 +387,18 @@ async def test_delete_and_purge(store: SqliteStore) -> None:
     assert leftovers == [(4, 4)]  # two events and two source ids each for live and recent
 
 
+async def test_a_call_that_failed_before_it_started_is_purged_too(store: SqliteStore) -> None:
+    # No end time: retention counts from its last update instead of keeping it forever.
+    await store.save_call(summary("never", "failed", started_at=None))
+    assert await store.purge(older_than=500.0) == []  # updated just now
+    purged = await store.purge(older_than=time.time() + 60)
+    assert [c["id"] for c in purged] == ["never"]
+
+
 async def test_purge_in_batches(store: SqliteStore) -> None:
     for i in range(1203):
         await store.save_call(summary(f"c{i}", "ended", ended_at=10.0))
-    assert await store.purge(older_than=20.0) == 1203
+    assert len(await store.purge(older_than=20.0)) == 1203
     assert await store.list_calls() == ([], None)
 
 

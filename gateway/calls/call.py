@@ -447,6 +447,7 @@ class Call:
         if self.state in (CallState.ENDED, CallState.FAILED, CallState.ENDING):
             return
         if self.state is CallState.NEW:
+            self.ended_at = time.time()  # retention counts from here
             self._set_state(CallState.FAILED, "ended before start")
             return
         self.end_reason = reason

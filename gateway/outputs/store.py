@@ -284,8 +284,9 @@ class CallStore(Outbox, Protocol):
         """Delete a call, its events, source ids and deliveries; False if it was unknown."""
         ...
 
-    async def purge(self, older_than: float) -> int:
-        """Delete finished calls that ended before ``older_than`` (unix time); returns how many."""
+    async def purge(self, older_than: float) -> list[dict[str, Any]]:
+        """Delete finished calls that ended before ``older_than`` (unix time). Returns each
+        deleted call's ``id`` and ``metadata`` (what outside the store refers to it: files)."""
         ...
 
 
@@ -928,11 +929,23 @@ class SqliteStore:
 
         return await self._write(job)
 
-    def _delete_calls(self, conn: sqlite3.Connection, ids_sql: str, params: tuple[Any, ...]) -> int:
-        """Delete the calls ``ids_sql`` selects, with their events, source ids and deliveries."""
+    def _delete_calls(
+        self,
+        conn: sqlite3.Connection,
+        ids_sql: str,
+        params: tuple[Any, ...],
+        deleted: list[dict[str, Any]] | None = None,
+    ) -> int:
+        """Delete the calls ``ids_sql`` selects, with their events, source ids and deliveries;
+        append each deleted call's id and metadata to ``deleted``."""
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id TEXT PRIMARY KEY)")
         conn.execute("DELETE FROM doomed")
         conn.execute(f"INSERT OR IGNORE INTO doomed (id) {ids_sql}", params)
+        if deleted is not None:
+            rows = conn.execute(
+                "SELECT id, metadata FROM calls WHERE id IN (SELECT id FROM doomed)"
+            ).fetchall()
+            deleted.extend({"id": row[0], "metadata": json.loads(row[1])} for row in rows)
         conn.execute("DELETE FROM source_ids WHERE call_id IN (SELECT id FROM doomed)")
         events = conn.execute("DELETE FROM events WHERE call_id IN (SELECT id FROM doomed)")
         pending = conn.execute(
@@ -945,23 +958,25 @@ class SqliteStore:
         self._delta -= pending
         return max(calls.rowcount, 1 if events.rowcount else 0)
 
-    async def purge(self, older_than: float) -> int:
+    async def purge(self, older_than: float) -> list[dict[str, Any]]:
         """Delete finished (ended, failed, interrupted) calls that ended before ``older_than``
         (unix time), with their events, source ids and deliveries, and dead letters that died
-        before it. Runs in batches, so live writes interleave. Returns the calls deleted."""
+        before it. A finished call without an end time (one that failed before it started)
+        counts from its last update. Runs in batches, so live writes interleave. Returns each
+        deleted call's id and metadata."""
         marks = ",".join("?" * len(FINISHED_STATES))
         select = (
-            f"SELECT id FROM calls WHERE state IN ({marks}) AND ended_at < ? LIMIT {_PURGE_BATCH}"
+            f"SELECT id FROM calls WHERE state IN ({marks}) "
+            f"AND COALESCE(ended_at, updated_at) < ? LIMIT {_PURGE_BATCH}"
         )
         params = (*FINISHED_STATES, float(older_than))
+        deleted: list[dict[str, Any]] = []
 
         def batch(conn: sqlite3.Connection) -> int:
-            return self._delete_calls(conn, select, params)
+            return self._delete_calls(conn, select, params, deleted)
 
-        total = 0
         while True:
             n = await self._write(batch)
-            total += n
             if n < _PURGE_BATCH:
                 break
 
@@ -971,7 +986,7 @@ class SqliteStore:
             )
 
         await self._write(dead)
-        return total
+        return deleted
 
     # -- outbox ----------------------------------------------------------------------------------
 
