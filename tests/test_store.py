@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import os
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
