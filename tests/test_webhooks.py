@@ -188,6 +188,29 @@ async def test_retried_until_accepted_then_delivered_exactly_once(store: SqliteS
     assert await store.dead_letters() == []
 
 
+async def test_a_store_that_cannot_record_an_attempt_does_not_cause_a_retry_storm(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The outbox cannot record the outcome (disk full): the delivery stays due in the store, and
+    # the sender holds it back by the backoff itself instead of posting it again at once.
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk I/O error")
+
+    for name in ("mark_retry", "mark_dead", "mark_delivered"):
+        monkeypatch.setattr(store, name, broken)
+    async with serving(Receiver(statuses=[500] * 100)) as rx:
+        await enqueue(store, rx.url)
+        sender = WebhookSender(store, settings(rx.url, backoff_initial_s=0.5, backoff_max_s=0.5))
+        await sender.start()
+        sender.notify()
+        try:
+            await poll_until(lambda: len(rx.requests) >= 1)
+            await asyncio.sleep(1.2)
+        finally:
+            await sender.close()
+    assert 2 <= len(rx.requests) <= 4, len(rx.requests)  # about one every 0.5 s, not hundreds
+
+
 async def test_a_restart_after_a_failure_still_delivers_once(tmp_path: Path) -> None:
     path = tmp_path / "callgate.sqlite3"
     async with serving(Receiver(statuses=[500])) as rx:

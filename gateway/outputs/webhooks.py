@@ -190,6 +190,9 @@ class WebhookSender:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        # Deliveries whose outcome the store could not record (disk full, I/O error): still due
+        # there, so held back here by the same backoff instead of being posted in a tight loop.
+        self._not_before: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -250,17 +253,25 @@ class WebhookSender:
     async def _dispatch(self) -> float:
         """Start attempts for due deliveries; returns how long to sleep at most."""
         limit = self._settings.concurrency
+        now = self._clock()
+        for delivery_id in [i for i, at in self._not_before.items() if at <= now]:
+            del self._not_before[delivery_id]
+        held = set(self._in_flight) | set(self._not_before)
         free = limit - len(self._in_flight)
         if free > 0:
-            due = await self._store.due(self._clock(), free, exclude=set(self._in_flight))
+            due = await self._store.due(now, free, exclude=held)
             for delivery in due:
                 self._spawn(delivery)
+                held.add(delivery.id)
         if len(self._in_flight) >= limit:
             return self._poll_s  # a finishing attempt wakes the loop
-        next_at = await self._store.next_due_at(exclude=set(self._in_flight))
+        wait = self._poll_s
+        if self._not_before:
+            wait = min(wait, max(0.0, min(self._not_before.values()) - now))
+        next_at = await self._store.next_due_at(exclude=held)
         if next_at is None:
-            return self._poll_s
-        return min(self._poll_s, max(0.0, next_at - self._clock()))
+            return wait
+        return min(wait, max(0.0, next_at - self._clock()))
 
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._attempt(delivery), name=f"webhook-{delivery.id}")
@@ -290,6 +301,8 @@ class WebhookSender:
             outcome, retry_at = await self._record(d, attempts, error)
         except Exception as exc:  # noqa: BLE001 - the delivery stays pending and is retried
             log.error("webhook.attempt_failed", error=repr(exc), **fields)
+            pause = max(self._settings.backoff_initial_s, self._backoff(attempts))
+            self._not_before[d.id] = self._clock() + pause
             return
         if outcome == "delivered":
             log.info("webhook.delivered", **fields)
