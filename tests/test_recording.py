@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gateway.ingress.file import probe_wav
 from gateway.media.codec import Codec, decode, encode, float32_to_pcm16, pcm16_to_float32
@@ -117,3 +118,22 @@ async def test_legs_in_different_formats_are_recorded_as_l16_at_the_top_rate(
     peak_hz = np.argmax(spectrum) * 16000 / len(x[2000:-2000])
     assert abs(peak_hz - 1000) < 5
     assert 0.3 < np.max(np.abs(x[2000:-2000])) < 0.6  # the tone's level survived
+
+
+async def test_a_recording_that_cannot_be_written_stops_buffering_and_says_why(
+    tmp_path: Path,
+) -> None:
+    # The recordings directory is a file: the writer cannot open the WAV. The recorder must not
+    # keep the whole call's audio queued for a writer that is gone, and close() says why.
+    blocker = tmp_path / "recordings"
+    await asyncio.to_thread(blocker.write_text, "not a directory")
+    pcmu = RecordedFormat(Codec.PCMU, 8000)
+    recorder = CallRecorder(blocker / "call.wav", [pcmu, pcmu])
+    await asyncio.sleep(0.1)
+    assert recorder.error is not None
+    for _ in range(1000):  # 20 s of call
+        recorder.feed(0, b"\xff" * 160)
+        recorder.feed(1, b"\xff" * 160)
+    assert recorder._queue.qsize() == 0 and all(not p for p in recorder._pending)
+    with pytest.raises(OSError, match="File exists"):
+        await recorder.close()

@@ -45,6 +45,9 @@ from gateway.media.codec import (
 from gateway.media.interleave import interleave
 from gateway.media.resample import Resampler
 from gateway.media.wav import wav_header
+from gateway.observability.logging import get_logger
+
+log = get_logger("gateway.recorder")
 
 _FLUSH_BYTES = 16000  # per channel: about 1-2 s of 8 kHz audio per write
 _REWRITE_FRAMES = 1 << 16  # frames per block when widening the file on disk
@@ -178,7 +181,11 @@ class CallRecorder:
         return interleave(parts, width)
 
     async def _run(self) -> None:
-        fh = await asyncio.to_thread(self._open)
+        try:
+            fh = await asyncio.to_thread(self._open)
+        except OSError as exc:
+            self._failed(exc)
+            return
         try:
             while True:
                 job = await self._queue.get()
@@ -188,8 +195,23 @@ class CallRecorder:
                     fh = await asyncio.to_thread(self._widen, fh, job)
                 else:
                     await asyncio.to_thread(self._write, fh, job)
+        except OSError as exc:
+            self._failed(exc)
         finally:
-            await asyncio.to_thread(self._finish, fh)
+            try:
+                await asyncio.to_thread(self._finish, fh)
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """The file cannot be written: stop taking audio (nothing would drain it), say so now."""
+        if self.error is None:
+            self.error = str(exc)
+            log.error("recording.failed", path=str(self.path), error=str(exc))
+        for pending in self._pending:
+            pending.clear()
+        while not self._queue.empty():
+            self._queue.get_nowait()
 
     def _open(self) -> BinaryIO:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,20 +264,19 @@ class CallRecorder:
             fh.close()
 
     async def close(self) -> Path:
-        """Write what every channel has, fix up the header, close. Returns the path."""
         for channel, converter in self._converters.items():
             tail = converter.flush()
             if tail:
                 self._pending[self._column[channel]] += tail
-        ready = min(len(p) for p in self._pending)
+        """Write what every channel has, fix up the header, close. Returns the path; raises
+        OSError if the recording failed (then the file holds what was written before)."""
+        ready = min(len(p) for p in self._pending) if self.error is None else 0
         if ready:
             self._queue.put_nowait(self._take(ready))
         self._queue.put_nowait(None)
-        try:
-            await self._writer
-        except OSError as exc:
-            self.error = str(exc)
-            raise
+        await self._writer
+        if self.error is not None:
+            raise OSError(self.error)
         return self.path
 
     async def abort(self) -> None:
