@@ -81,7 +81,21 @@ def test_release_waits_for_every_other_channel_watermark() -> None:
     m = TurnMerger(CHANNELS, join_same_speaker=False)
     assert released(m.update(turn(0, 0, 1000, 2000))) == []
     assert released(m.watermark(1, 999)) == []
-    assert [r.utterance.start for r in released(m.watermark(1, 1000))] == [1000]
+    # At 1000 channel 1 may still finalize a turn starting at 1000: only strictly past it.
+    assert released(m.watermark(1, 1000)) == []
+    assert [r.utterance.start for r in released(m.watermark(1, 1001))] == [1000]
+
+
+def test_turns_starting_together_are_released_in_start_end_channel_order() -> None:
+    # Channel 1's open turn starts at 1000 (its watermark); channel 0 finalizes 1000-2000 first.
+    # Channel 1's 1000-1500 is shorter, so it comes first in the transcript and in the release.
+    m = TurnMerger(CHANNELS, join_same_speaker=False)
+    m.watermark(1, 1000)
+    assert released(m.update(turn(0, 0, 1000, 2000))) == []
+    out = released(m.update(turn(1, 0, 1000, 1500)))
+    out += released(m.close())
+    assert [(r.utterance.channel, r.utterance.end) for r in out] == [(1, 1500), (0, 2000)]
+    assert m.stats.late_finals == 0
 
 
 def test_own_watermark_does_not_block_release() -> None:

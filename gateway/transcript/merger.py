@@ -257,7 +257,9 @@ class TurnMerger:
     # -- internals ------------------------------------------------------------------------------
 
     def _releasable(self, u: TurnUpdate) -> bool:
-        return all(wm >= u.start_ms for ch, wm in self._watermarks.items() if ch != u.channel)
+        # Strictly past: a channel whose watermark equals this start may still finalize a turn
+        # starting there, which (start, end, channel) order could put first.
+        return all(wm > u.start_ms for ch, wm in self._watermarks.items() if ch != u.channel)
 
     def _release(self) -> list[MergerOutput]:
         out: list[MergerOutput] = []
