@@ -254,7 +254,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def persist(event: CallEvent, document: dict[str, Any] | None) -> None:
         if sender is not None and event.type in hooks.events:
-            body = event_body(event, document if event.type == "call.ended" else None)
+            if event.type == "call.ended":  # the whole transcript: encode it off the loop
+                body = await asyncio.to_thread(event_body, event, document)
+            else:
+                body = event_body(event)
             deliveries = deliveries_for(event.type, event.call_id, body, hooks.urls, event.time)
             try:
                 await store.add_event_and_enqueue(event, deliveries)

@@ -425,3 +425,30 @@ async def test_metrics_and_health_need_a_token_when_not_open(tmp_path: Path) -> 
             headers = {"Authorization": "Bearer reader-token"}
             async with s.get(f"{gw.http}{path}", headers=headers) as resp:
                 assert resp.status == 200, path
+
+
+async def test_a_finished_calls_transcript_is_built_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Building and encoding an hours-long call's transcript takes seconds: at call end (event,
+    # file) and for GET /transcript of a finished call it happens in worker threads.
+    import threading
+
+    from gateway.api import routes
+    from gateway.outputs import transcript_files
+
+    built_in: list[str] = []
+    real = transcript_files.call_document
+
+    def spy(call: Any) -> dict[str, Any]:
+        built_in.append(threading.current_thread().name)
+        return real(call)
+
+    monkeypatch.setattr(transcript_files, "call_document", spy)
+    monkeypatch.setattr(routes, "call_document", spy)
+    async with _gateway(tmp_path, tokens=[READ_TOKEN]) as gw:
+        assert len(built_in) >= 2  # the call.ended event's document and the transcript file
+        resp = await _status(gw, "GET", f"/v1/calls/{CALL_SID}/transcript", token=READ_TOKEN)
+        assert resp.status == 200
+    assert len(built_in) >= 3
+    assert threading.main_thread().name not in built_in, built_in

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from gateway.api.auth import CORS_ORIGIN, Access, ApiAuth
-from gateway.calls.call import Call
+from gateway.calls.call import Call, CallState
 from gateway.calls.registry import CallRegistry
 from gateway.outputs.events import CallEvent, call_summary
 from gateway.outputs.live import FirehoseEvent, LiveHub, Subscribed, Subscription
@@ -246,8 +246,12 @@ async def get_transcript(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in FORMATS:
         raise web.HTTPBadRequest(text=f"unknown format {fmt!r}; use {', '.join(FORMATS)}\n")
+    if call is not None and call.state in (CallState.ENDED, CallState.FAILED):
+        # Nothing changes a finished call: build and encode in a worker (seconds for hours).
+        text, content_type = await asyncio.to_thread(_render_call, call, fmt)
+        return web.Response(text=text, content_type=content_type)
     if call is not None:
-        transcript = call.transcript()
+        transcript = call.transcript()  # a live call: a snapshot, on the loop
         doc = call_document(call)
     else:
         store = _store(request)
@@ -265,10 +269,17 @@ async def get_transcript(request: web.Request) -> web.Response:
             ended_at=summary["ended_at"],
         )
     if fmt == "json":
-        return web.json_response(doc, dumps=_dumps)
-    return web.Response(
-        text=render(transcript, fmt), content_type=_CONTENT_TYPES.get(fmt, "text/plain")
-    )
+        text = await asyncio.to_thread(_dumps, doc)
+        return web.Response(text=text, content_type="application/json")
+    text = await asyncio.to_thread(render, transcript, fmt)
+    return web.Response(text=text, content_type=_CONTENT_TYPES.get(fmt, "text/plain"))
+
+
+def _render_call(call: Call, fmt: str) -> tuple[str, str]:
+    """A finished call's transcript in ``fmt``, and its content type (worker thread)."""
+    if fmt == "json":
+        return _dumps(call_document(call)), "application/json"
+    return render(call.transcript(), fmt), _CONTENT_TYPES.get(fmt, "text/plain")
 
 
 # -- live feeds -----------------------------------------------------------------------------------

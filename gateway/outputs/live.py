@@ -61,6 +61,8 @@ _COMPACT_AT = 600  # events in a log before superseded partials are first compac
 # older ones keep only their JSON text (CallEvent.slim): every consumer of an older event
 # (persist, webhooks, subscribers' queues) has taken its data by then.
 _KEEP_RECENT = 20
+# Builds the extra document of an event (call.ended's transcript) in a worker thread.
+_Document = Callable[[], dict[str, Any]]
 _TRIM_SLACK = 100  # at most this many events beyond live.events_in_memory, then trimmed at once
 
 
@@ -137,9 +139,9 @@ class CallPublisher:
         self.published_seq = 0
         self.subscribers: set[Subscription] = set()
         self._compact_at = _COMPACT_AT
-        self._queue: asyncio.Queue[
-            tuple[str, dict[str, Any], dict[str, Any] | None, float] | None
-        ] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, dict[str, Any], _Document | None, float] | None] = (
+            asyncio.Queue()
+        )
         self._task = asyncio.create_task(self._run(), name=f"publish-{call.call_id}")
         self.done = asyncio.Event()
 
@@ -163,7 +165,8 @@ class CallPublisher:
                 item = await self._queue.get()
                 if item is None:
                     break
-                type_, data, extra, at = item
+                type_, data, describe, at = item
+                extra = await asyncio.to_thread(describe) if describe is not None else None
                 event = self.log.append(type_, data, at=at)
                 if event is None:
                     continue  # a partial after its turn's final
@@ -204,7 +207,7 @@ class CallPublisher:
 
 def _describe(
     call: Call, output: CallOutput
-) -> tuple[str, dict[str, Any], dict[str, Any] | None] | None:
+) -> tuple[str, dict[str, Any], _Document | None] | None:
     if isinstance(output, TurnDelta):
         u = output.update
         return ("turn.final" if u.final else "turn.partial", turn_data(call, u), None)
@@ -216,7 +219,9 @@ def _describe(
         if output.state in (CallState.ENDED, CallState.FAILED):
             from gateway.outputs.transcript_files import call_document
 
-            return ("call.ended", call_summary(call), call_document(call))
+            # The document is built later, in a worker: the call no longer changes, and a
+            # long call's transcript takes a second or more to build.
+            return ("call.ended", call_summary(call), lambda: call_document(call))
         return None
     if isinstance(output, ChannelFailed):
         data = call_summary(call)

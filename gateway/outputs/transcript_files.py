@@ -41,11 +41,16 @@ class TranscriptFiles:
         return self.directory / f"{call_id}.json"
 
     async def write(self, call: Call) -> Path:
-        """Store ``call``'s document; returns the file's path. Raises OSError."""
-        text = json.dumps(call_document(call), indent=2, ensure_ascii=False) + "\n"
-        return await asyncio.to_thread(self._write, call.call_id, text)
+        """Store ``call``'s document; returns the file's path. Raises OSError.
 
-    def _write(self, call_id: str, text: str) -> Path:
+        ``call`` must have ended: its document is built in a worker thread (a long call's
+        takes a second or more), which is only safe once nothing changes it any more.
+        """
+        return await asyncio.to_thread(self._write, call)
+
+    def _write(self, call: Call) -> Path:
+        text = json.dumps(call_document(call), indent=2, ensure_ascii=False) + "\n"
+        call_id = call.call_id
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(call_id)
         tmp = final.with_suffix(".json.tmp")
