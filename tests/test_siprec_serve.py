@@ -41,8 +41,10 @@ from tests.siprec_peer import (
     SipUdpClient,
     answer_ports,
     establish,
+    multipart,
     play_rtp,
     rs_metadata,
+    sdp_offer,
     siprec_gateway,
     siprec_settings,
 )
@@ -528,4 +530,60 @@ async def test_a_call_ended_by_the_gateway_sends_bye_until_answered(tmp_path: Pa
         # The dialog is gone: the client's own late BYE gets 481.
         client.send(dialog.bye(), target)
         await client.expect(481)
+        client.close()
+
+
+async def test_an_invite_refused_after_admission_releases_its_call(tmp_path: Path) -> None:
+    """No media ports left for a 3-stream offer: 503, and the call admitted for it is released
+    at once (it used to hold a call slot until calls.max_call_s)."""
+    settings = siprec_settings(tmp_path, rtp_port_min=42000, rtp_port_max=42003)  # 2 pairs
+    async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog = client.dialog(target)
+        content_type, body = multipart(sdp_offer([30000, 30002, 30004]), None)
+        invite = dialog.request("INVITE", body=body, content_type=content_type, in_dialog=False)
+        client.send(invite, target)
+        await client.expect(100)
+        await client.expect(503)
+        client.send(dialog.ack(), target)
+        await gw.idle()
+        assert gw.registry.active_count == 0
+        assert svc.ports.in_use == 0
+        client.close()
+
+
+async def test_an_answer_that_cannot_be_built_is_a_500_not_a_wedged_dialog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails while answering an admitted INVITE, the client gets a final response and
+    the call, its ports and its Call-ID are released. A non-ASCII a=label is answered (UTF-8)."""
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog = client.dialog(target)
+        offer = sdp_offer([30000, 30002]).replace("a=label:2", "a=label:b\u00e9")
+        content_type, body = multipart(offer, rs_metadata())
+        invite = dialog.request("INVITE", body=body, content_type=content_type, in_dialog=False)
+        client.send(invite, target)
+        await client.expect(100)
+        ok = await client.expect(200)
+        assert "a=label:b\u00e9".encode() in ok.body
+        dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+        client.send(dialog.ack(), target)
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+
+        def broken(call_id: str, now: float) -> list[object]:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(svc.server, "accept", broken)
+        second = client.dialog(target)
+        client.send(second.invite((30010, 30012)), target)
+        await client.expect(100)
+        await client.expect(500)
+        client.send(second.ack(), target)
+        await gw.idle()
+        assert gw.registry.active_count == 0 and svc.ports.in_use == 0
+        assert svc.server.state(second.call_id) is None
         client.close()

@@ -500,7 +500,12 @@ class SiprecServer:
         for mline, port in zip(accepted, granted, strict=False):
             ports[mline] = port
         dialog.ports = ports
-        sdp = self._answer(dialog)
+        try:
+            sdp = self._answer(dialog)
+        except ValueError as exc:  # an offer we negotiated but cannot answer: refuse it whole
+            self.ports.release(call_id)
+            dialog.ports = []
+            return self.reject(call_id, 488, now, reason=f"cannot answer the offer: {exc}"[:120])
         dialog.state = DialogState.CONFIRMING
         started = CallStarted(
             source="siprec",

@@ -525,4 +525,5 @@ def answer(
         if m.label is not None:
             lines.append(f"a=label:{m.label}")
         lines.append(f"a={answer_direction(offer.direction_of(i))}")
-    return SdpAnswer(("\r\n".join(lines) + "\r\n").encode("ascii"), tuple(final))
+    # UTF-8: SDP's default character set (RFC 4566 5.13); an offer's a=label may use it.
+    return SdpAnswer(("\r\n".join(lines) + "\r\n").encode("utf-8"), tuple(final))

@@ -586,6 +586,11 @@ class SiprecService:
         if call is not None:
             for port in list(call.streams):
                 call.streams.pop(port)
+            if not any(item is None for item, _ in call.queue):
+                # Released without a CallEnded (refused after admission: no media ports, an
+                # offer we could not answer): end the call, or it would hold a call slot.
+                call.end_reason = out.reason
+                call.push(None, self.loop.time())
             log.info("siprec.call_released", sip_call_id=out.call_id, reason=out.reason)
 
     def _rejected(self, out: Rejected) -> None:
@@ -647,7 +652,11 @@ class SiprecService:
             return
         call = self._calls[call_id] = _SipCall(self, call_id, live)
         call.task = self._tasks.spawn(call.run(), f"siprec-call-{call_id}")
-        outputs = server.accept(call_id, now)
+        try:
+            outputs = server.accept(call_id, now)
+        except Exception as exc:  # noqa: BLE001 - answer the INVITE whatever went wrong
+            log.error("siprec.accept_failed", sip_call_id=call_id, error=repr(exc))
+            outputs = server.reject(call_id, 500, now, reason="internal_error")
         if any(isinstance(o, CallEvent) and isinstance(o.event, CallStarted) for o in outputs):
             self.metrics.streams.labels(SOURCE).inc()
             log.info(
