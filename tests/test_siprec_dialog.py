@@ -516,6 +516,23 @@ def test_reinvite_may_change_the_codec_but_not_the_clock_rate() -> None:
     assert [(s.config.channel, s.config.codec, s.config.payload_type) for s in plan.streams] == [
         (0, Codec.PCMA, 8)
     ]
+    deliver(srv, ack_for(changed, answer), 5.1)
+    # Offered again as it began (a transfer back): the refused m-line is taken again, on the
+    # port it was granted at first, and the next re-offers work (they used to fail).
+    for cseq in (3, 4):
+        again = in_dialog("INVITE", ok, cseq, body=body, content_type=content_type)
+        out = deliver(srv, again, 6.0 + cseq)
+        answer = sent(out)[-1]
+        assert answer.status == 200
+        assert [m.port for m in parse_sdp(answer.body).media] == [
+            m.port for m in parse_sdp(ok.body).media
+        ]
+        (plan,) = [o for o in out if isinstance(o, MediaPlan)]
+        assert [(s.config.channel, s.config.codec) for s in plan.streams] == [
+            (0, Codec.PCMU),
+            (1, Codec.PCMU),
+        ]
+        deliver(srv, ack_for(again, answer), 6.5 + cseq)
 
 
 CONFERENCE_MLINE = (

@@ -266,6 +266,9 @@ class _Dialog:
     first_negotiated: tuple[Negotiated | None, ...] = ()
     state: DialogState = DialogState.PROCEEDING
     ports: list[int] = field(default_factory=list)
+    # The port each recorded m-line was granted, kept while a re-offer refuses the m-line (its
+    # port 0 in the answer) so that it gets the same port back when it is offered again.
+    granted: dict[int, int] = field(default_factory=dict)
     answer: SdpAnswer | None = None
     remote_cseq: int = 0
     sdp_version: int = 1
@@ -500,6 +503,7 @@ class SiprecServer:
         for mline, port in zip(accepted, granted, strict=False):
             ports[mline] = port
         dialog.ports = ports
+        dialog.granted = dict(zip(accepted, granted, strict=False))
         try:
             sdp = self._answer(dialog)
         except ValueError as exc:  # an offer we negotiated but cannot answer: refuse it whole
@@ -745,9 +749,9 @@ class SiprecServer:
                 for i in range(max(len(first), len(offer.media)))
             )
             dialog.offer, dialog.negotiated = offer, negotiated
+            dialog.granted.update(added)
             dialog.ports = [
-                added.get(i)
-                or (dialog.ports[i] if i < len(dialog.ports) and negotiated[i] is not None else 0)
+                dialog.granted.get(i, 0) if negotiated[i] is not None else 0
                 for i in range(len(offer.media))
             ]
             dialog.sdp_version += 1
@@ -796,8 +800,13 @@ class SiprecServer:
                     room -= n is not None
                 out.append(n)
                 continue
-            previous = dialog.negotiated[i]
-            assert previous is not None
+            # The codec it has now, or, when the last offer refused it, the one it began with.
+            previous = dialog.negotiated[i] if i < len(dialog.negotiated) else None
+            if previous is None and i < len(dialog.first_negotiated):
+                previous = dialog.first_negotiated[i]
+            if previous is None:
+                out.append(None)
+                continue
             # The channel's clock rate is fixed; its codec may change (the receiver transcodes).
             same_rate = [
                 (name, rate)
