@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from gateway.app import drain
-from gateway.calls.call import Call, CallOutput, CallUpdated
+from gateway.calls.call import Call, CallError, CallOutput, CallUpdated
+from gateway.ingress.events import Audio
 from gateway.ingress.file import probe_wav
 from gateway.ingress.siprec.dialog import IncomingCall
 from gateway.ingress.siprec.message import (
@@ -32,6 +33,7 @@ from gateway.ingress.siprec.message import (
     build_response,
     parse_name_addr,
 )
+from gateway.ingress.siprec.sdp import parse_sdp
 from gateway.media.codec import Codec, decode, encode, float32_to_pcm16
 from tests.gateway_server import Gateway, hello_engine, metric, poll_until
 from tests.siprec_peer import (
@@ -586,4 +588,54 @@ async def test_an_answer_that_cannot_be_built_is_a_500_not_a_wedged_dialog(
         await gw.idle()
         assert gw.registry.active_count == 0 and svc.ports.in_use == 0
         assert svc.server.state(second.call_id) is None
+        client.close()
+
+
+async def test_an_offer_beyond_the_channel_limit_records_the_first_streams(
+    tmp_path: Path,
+) -> None:
+    # Nine streams against calls.max_channels = 8: the first eight are recorded, the ninth gets
+    # port 0 (the call used to be answered 200 with nine ports, then fail to start).
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target, ports=[30000 + 2 * i for i in range(9)])
+        ports = [m.port for m in parse_sdp(ok.body).media]
+        assert len(ports) == 9 and all(ports[:8]) and ports[8] == 0
+        await poll_until(lambda: (c := gw.registry.get(dialog.call_id)) is not None and c.channels)
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None and len(call.channels) == 8
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        client.close()
+
+
+async def test_a_call_that_breaks_sends_bye(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call refuses its media (a CallError): the recording session is ended with a BYE too,
+    # so the client stops sending to a call that no longer takes it.
+    async def refuse(self: Call, event: object) -> None:
+        if isinstance(event, Audio):
+            raise CallError("refused for the test")
+        await real(self, event)
+
+    real = Call.handle
+    monkeypatch.setattr(Call, "handle", refuse)
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        sender = asyncio.create_task(
+            play_rtp([("127.0.0.1", p) for p in answer_ports(ok)], [SILENCE, SILENCE])
+        )
+        bye = await client.receive(within_s=5.0)
+        assert isinstance(bye, SipRequest) and bye.method == "BYE"
+        assert bye.call_id == dialog.call_id
+        client.send(build_response(bye, 200, "OK").to_bytes(), target)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        await gw.idle()
+        assert svc.ports.in_use == 0
         client.close()

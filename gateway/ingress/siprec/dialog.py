@@ -594,6 +594,9 @@ class SiprecServer:
         negotiated = negotiate(offer, self.config.codecs, srtp=self.config.srtp)
         if not any(negotiated):
             return self._refuse(request, source, transport, 488, "no acceptable m-line", now)
+        # A call records at most max_channels streams: the first ones, the others get port 0.
+        kept = [i for i, n in enumerate(negotiated) if n is not None][: self.config.max_channels]
+        negotiated = tuple(n if i in kept else None for i, n in enumerate(negotiated))
         extra: dict[str, str] = {}
         metadata: RecordingMetadata | None = None
         if parts.metadata is not None:

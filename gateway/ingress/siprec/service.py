@@ -328,6 +328,9 @@ class _SipCall:
         except (CallError, TimestampJump) as exc:
             if self.stopped is None:
                 self.service.stream_error(self, "call_error", str(exc))
+                # The call cannot go on: end the recording session too (BYE), or the client
+                # would keep sending media to a call that no longer takes it.
+                self.service.hang_up(self.sip_call_id, "stream_error")
             reason = "stream_error"
         finally:
             self.count_media()
