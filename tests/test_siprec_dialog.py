@@ -206,7 +206,13 @@ def test_no_ack_ends_the_call_after_64_t1() -> None:
     assert events(out) == [CallEnded("ack_timeout")]
     assert any(isinstance(o, CallReleased) for o in out)
     assert srv.calls == () and ports.owned == {}
-    assert max(statuses(out)) == 200 and len(sent(out)) == 10  # 0.5, 1.5, 3.5, 7.5, ... 31.5
+    responses = [o for o in out if isinstance(o, Send) and isinstance(o.message, SipResponse)]
+    assert len(responses) == 10  # 0.5, 1.5, 3.5, 7.5, ... 31.5
+    assert {o.message.status for o in responses if isinstance(o.message, SipResponse)} == {200}
+    # Then the session is ended with a BYE (RFC 3261 13.3.1.4), retransmitted like any request.
+    requests = [o.message for o in out if isinstance(o, Send) and isinstance(o.message, SipRequest)]
+    assert requests and {r.method for r in requests} == {"BYE"}
+    assert len({r.to_bytes() for r in requests}) == 1
 
 
 def test_no_retransmission_over_tcp() -> None:
@@ -632,3 +638,36 @@ def test_srtp_offers_follow_the_policy() -> None:
     for policy, request in (("off", savp(plain)), ("require", plain)):
         srv, _ = server(srtp=policy)
         assert statuses(deliver(srv, request, 0.0))[-1] == 488
+
+
+def _with_headers(message: SipRequest, *lines: str) -> bytes:
+    """``message`` with header lines added after its request line."""
+    start, rest = message.to_bytes().split(b"\r\n", 1)
+    return start + b"\r\n" + "".join(f"{line}\r\n" for line in lines).encode() + rest
+
+
+def test_after_a_reinvite_we_answer_where_it_came_from_and_build_bye_from_the_dialog() -> None:
+    srv, _ = server()
+    invite = invite_for("cisco-siprec-offer.txt", call_id=CALL)
+    out = deliver(srv, _with_headers(invite, "Record-Route: <sip:sbc.example;lr>"), 0.0)
+    ok = sent(out)[-1]
+    deliver(srv, ack_for(invite, ok), 0.01)
+    # A re-INVITE on a new TCP connection, refreshing the target (Contact) and carrying a
+    # Record-Route of its own, which must not change the dialog's route set (RFC 3261 12.2).
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    reinvite = in_dialog("INVITE", ok, 2, body=body, content_type=content_type)
+    raw = _with_headers(
+        reinvite, "Contact: <sip:src@192.0.2.99:5070>", "Record-Route: <sip:other.example;lr>"
+    )
+    out = deliver(srv, raw, 5.0, source=("192.0.2.10", 40001), transport="tcp")
+    (answer,) = [o for o in out if isinstance(o, Send)]
+    assert isinstance(answer.message, SipResponse) and answer.message.status == 200
+    assert (answer.destination, answer.transport) == (("192.0.2.10", 40001), "tcp")
+    (bye_send,) = [o for o in srv.hang_up(CALL, "max_duration", 6.0) if isinstance(o, Send)]
+    bye = bye_send.message
+    assert isinstance(bye, SipRequest) and bye.method == "BYE"
+    assert bye.uri == "sip:src@192.0.2.99:5070"  # the refreshed target
+    local_tag = parse_name_addr(ok.headers.get("To") or "").tag
+    assert (bye.headers.get("From") or "").count(";tag=") == 1
+    assert parse_name_addr(bye.headers.get("From") or "").tag == local_tag
+    assert bye.headers.get_all("Route") == ["<sip:sbc.example;lr>"]

@@ -257,7 +257,7 @@ class _Dialog:
     local_tag: str
     source: Address
     transport: str
-    invite: SipRequest
+    invite: SipRequest  # the latest INVITE (re-INVITEs refresh the remote target)
     offer: SessionDescription
     negotiated: tuple[Negotiated | None, ...]
     metadata: RecordingMetadata | None
@@ -277,6 +277,9 @@ class _Dialog:
     local_cseq: int = 0  # CSeq of requests we send in this dialog (BYE)
     srtp_keys: list[bytes | None] = field(default_factory=list)  # ours, per m-line (answers)
     local_uuid: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The INVITE that made the dialog: its From/To and Record-Route set (RFC 3261 12.1.1,
+    # 12.2: a re-INVITE does not change the route set) are what our requests are built from.
+    first_invite: SipRequest | None = None
 
 
 @dataclass(slots=True)
@@ -369,7 +372,9 @@ class SiprecServer:
                 if r.success and r.call_id in self._dialogs:
                     dialog = self._dialogs[r.call_id]
                     if dialog.state is DialogState.CONFIRMING and dialog.remote_cseq == key[1]:
-                        out += self._end(dialog, "ack_timeout")
+                        # RFC 3261 13.3.1.4: no ACK for our 2xx, so end the session with a BYE.
+                        out.append(CallEvent(dialog.call_id, CallEnded("ack_timeout")))
+                        out += self.hang_up(dialog.call_id, "ack_timeout", now)
                 continue
             out.append(Send(r.response, r.destination, r.transport))
             r.interval = min(r.interval * 2, self.config.t2)
@@ -414,8 +419,8 @@ class SiprecServer:
     def _bye(self, dialog: _Dialog) -> SipRequest:
         """BYE within ``dialog`` (RFC 3261 12.2.1.1): to the client's Contact, through its
         Record-Route set, From/To swapped from the INVITE."""
-        invite = dialog.invite
-        contact = invite.headers.get("Contact")
+        invite = dialog.first_invite or dialog.invite
+        contact = dialog.invite.headers.get("Contact") or invite.headers.get("Contact")
         target = (
             parse_name_addr(contact).uri
             if contact
@@ -617,6 +622,7 @@ class SiprecServer:
             source=source,
             transport=transport,
             invite=request,
+            first_invite=request,
             offer=offer,
             negotiated=negotiated,
             metadata=metadata,
@@ -774,7 +780,7 @@ class SiprecServer:
         if request.method == "INVITE":
             dialog.invite = request
             dialog.state = DialogState.CONFIRMING
-            out.append(self._answer_invite(dialog, request, 200, sdp, now))
+            out.append(self._answer_invite(dialog, request, 200, sdp, now, source, transport))
         else:
             extra: list[tuple[str, str]] = [("Contact", self._contact(transport))]
             if sdp is not None:
@@ -923,10 +929,21 @@ class SiprecServer:
         ]
 
     def _answer_invite(
-        self, dialog: _Dialog, request: SipRequest, status: int, sdp: bytes | None, now: float
+        self,
+        dialog: _Dialog,
+        request: SipRequest,
+        status: int,
+        sdp: bytes | None,
+        now: float,
+        source: Address | None = None,
+        transport: str | None = None,
     ) -> Send:
+        """The final response to an INVITE of ``dialog``, sent where the INVITE came from
+        (``source``/``transport``; by default the dialog's first INVITE's)."""
+        source = source or dialog.source
+        transport = transport or dialog.transport
         headers = [
-            ("Contact", self._contact(dialog.transport)),
+            ("Contact", self._contact(transport)),
             *self._capabilities(),
         ]
         session = request.headers.get("Session-ID")
@@ -938,7 +955,7 @@ class SiprecServer:
         response = build_response(
             request, status, None, headers, sdp or b"", to_tag=dialog.local_tag
         )
-        return self._send_final(request, response, dialog.source, dialog.transport, now)
+        return self._send_final(request, response, source, transport, now)
 
     def _send_final(
         self,
