@@ -671,3 +671,26 @@ def test_after_a_reinvite_we_answer_where_it_came_from_and_build_bye_from_the_di
     assert (bye.headers.get("From") or "").count(";tag=") == 1
     assert parse_name_addr(bye.headers.get("From") or "").tag == local_tag
     assert bye.headers.get_all("Route") == ["<sip:sbc.example;lr>"]
+
+
+def test_cached_responses_to_health_checks_expire_without_any_call() -> None:
+    # An idle recording server probed with OPTIONS every second for an hour: the responses it
+    # keeps for retransmitted requests expire (64*T1) instead of piling up.
+    srv, _ = server()
+    for i in range(3600):
+        probe = SipRequest(
+            "OPTIONS",
+            "sip:srs@10.0.0.5",
+            Headers.of(
+                [
+                    ("Via", f"SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK-p{i}"),
+                    ("From", "<sip:probe@192.0.2.10>;tag=p"),
+                    ("To", "<sip:srs@10.0.0.5>"),
+                    ("Call-ID", f"probe-{i}"),
+                    ("CSeq", "1 OPTIONS"),
+                ]
+            ),
+        )
+        assert statuses(deliver(srv, probe, float(i))) == [200]
+    assert srv.next_deadline() is None  # nothing to retransmit: on_timer never runs
+    assert len(srv._cache) <= 64 * srv.config.t1 + 4 * srv.config.t1 + 1

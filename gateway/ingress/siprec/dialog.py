@@ -331,6 +331,7 @@ class SiprecServer:
         self._cache: dict[tuple[str, str, int, str], _Cached] = {}
         self._outgoing: dict[str, _Outgoing] = {}  # by Via branch
         self._draining = False
+        self._prune_at = 0.0  # next sweep of expired cached responses
 
     # -- public API ------------------------------------------------------------------------
 
@@ -460,6 +461,11 @@ class SiprecServer:
             self._outgoing.pop(via_branch(message.headers.get("Via") or "") or "", None)
             return []
         request = message
+        if now >= self._prune_at:
+            # Every request may leave a cached response (OPTIONS pings, 403s): sweep them here
+            # too, not only from on_timer, which runs only while something is retransmitted.
+            self._cache = {k: c for k, c in self._cache.items() if c.expires > now}
+            self._prune_at = now + 4 * self.config.t1
         if request.method == "ACK":
             return self._ack(request)
         if not self.allowlist.allows(source[0]):
