@@ -694,3 +694,50 @@ def test_cached_responses_to_health_checks_expire_without_any_call() -> None:
         assert statuses(deliver(srv, probe, float(i))) == [200]
     assert srv.next_deadline() is None  # nothing to retransmit: on_timer never runs
     assert len(srv._cache) <= 64 * srv.config.t1 + 4 * srv.config.t1 + 1
+
+
+def test_headers_and_bodies_that_fail_deeper_down_are_answered_not_raised() -> None:
+    """Each of these used to raise out of receive(): the client got no answer at all."""
+    srv, ports = server()
+    # A From without its closing '>': 400, and no half-made dialog or ports left behind.
+    bad_from = invite_for("cisco-siprec-offer.txt", call_id="broken-from")
+    bad_from = SipRequest(
+        bad_from.method,
+        bad_from.uri,
+        bad_from.headers.replace("From", "<sip:src@192.0.2.10;tag=x"),
+        bad_from.body,
+    )
+    assert statuses(deliver(srv, bad_from, 0.0)) == [400]
+    assert srv.calls == () and ports.owned == {}
+    # A Contact without it: the call is recorded, and hanging up falls back to the From URI
+    # (hang_up used to raise there, before releasing the dialog and its ports).
+    bad_contact = invite_for("cisco-siprec-offer.txt", call_id="broken-contact")
+    bad_contact = SipRequest(
+        bad_contact.method,
+        bad_contact.uri,
+        bad_contact.headers.replace("Contact", "<sip:src@192.0.2.10:5060"),
+        bad_contact.body,
+    )
+    ok = sent(deliver(srv, bad_contact, 0.0))[-1]
+    assert ok.status == 200
+    deliver(srv, ack_for(bad_contact, ok), 0.1)
+    (bye,) = [o.message for o in srv.hang_up("broken-contact", "x", 1.0) if isinstance(o, Send)]
+    assert isinstance(bye, SipRequest) and bye.uri == "sip:src@192.0.2.10"
+    assert srv.calls == () and ports.owned == {}
+    # rs-metadata declaring an encoding nobody knows: the call is recorded, the metadata error
+    # noted (as for any malformed metadata).
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    odd = body.replace(b'encoding="UTF-8"', b'encoding="UTF-9"')
+    assert odd != body
+    invite = invite_for("cisco-siprec-offer.txt", call_id="odd-encoding")
+    invite = SipRequest(invite.method, invite.uri, invite.headers, odd)
+    assert statuses(deliver(srv, invite, 1.0))[-1] == 200
+    # A digest answer with a non-ASCII nonce or response: refused, not a TypeError.
+    auth = DigestAuth("srs.example", {"sbc": "s3cret"}, secret=b"k" * 32)
+    guarded, _ = server(digest=auth)
+    forged = (
+        'Digest username="sbc", realm="srs.example", nonce="\u00e9t\u00e9.00", '
+        'uri="sip:srs@10.0.0.5", response="\u00e9\u00e9", algorithm=MD5'
+    )
+    request = invite_for("cisco-siprec-offer.txt", extra=(("Authorization", forged),))
+    assert statuses(deliver(guarded, request, 2.0))[-1] in (401, 403)

@@ -113,7 +113,8 @@ class DigestAuth:
     def _nonce_age(self, nonce: str, now: float) -> float | None:
         stamp, _, mac = nonce.partition(".")
         expected = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
-        if not hmac.compare_digest(mac, expected):
+        # Bytes: compare_digest refuses str with non-ASCII characters (client-controlled).
+        if not hmac.compare_digest(mac.encode(), expected.encode()):
             return None
         try:
             return now - int(stamp, 16) / 1000
@@ -163,7 +164,7 @@ class DigestAuth:
             expected = _h(algorithm, f"{ha1}:{nonce}:{p['nc']}:{p['cnonce']}:{qop}:{ha2}")
         else:
             return AuthResult.BAD
-        if not hmac.compare_digest(expected, response.lower()):
+        if not hmac.compare_digest(expected.encode(), response.lower().encode()):
             return AuthResult.BAD
         if age > self.nonce_ttl_s:
             return AuthResult.STALE

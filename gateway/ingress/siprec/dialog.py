@@ -421,12 +421,18 @@ class SiprecServer:
         """BYE within ``dialog`` (RFC 3261 12.2.1.1): to the client's Contact, through its
         Record-Route set, From/To swapped from the INVITE."""
         invite = dialog.first_invite or dialog.invite
-        contact = dialog.invite.headers.get("Contact") or invite.headers.get("Contact")
-        target = (
-            parse_name_addr(contact).uri
-            if contact
-            else parse_name_addr(invite.headers.get("From") or "").uri
-        )
+        target = ""
+        for value in (
+            dialog.invite.headers.get("Contact"),
+            invite.headers.get("Contact"),
+            invite.headers.get("From"),
+        ):
+            try:
+                target = parse_name_addr(value or "").uri
+            except ValueError:
+                continue  # unparseable: the next candidate (never fail to hang up)
+            if target:
+                break
         dialog.local_cseq += 1
         to = invite.headers.get("To") or ""
         headers: list[tuple[str, str]] = [
@@ -466,6 +472,33 @@ class SiprecServer:
             # too, not only from on_timer, which runs only while something is retransmitted.
             self._cache = {k: c for k, c in self._cache.items() if c.expires > now}
             self._prune_at = now + 4 * self.config.t1
+        try:
+            return self._request(request, source, transport, now)
+        except (ValueError, LookupError, TypeError) as exc:
+            # A header or body that parsed as SIP but not deeper down (a From without its '>',
+            # an XML encoding nobody knows, ...): answer 400 and keep no half-made dialog.
+            return self._bad_request(request, source, transport, now, exc)
+
+    def _bad_request(
+        self, request: SipRequest, source: Address, transport: str, now: float, exc: Exception
+    ) -> list[Output]:
+        dialog = self._dialogs.get(request.call_id)
+        if dialog is not None and dialog.invite is request:
+            if dialog.state is not DialogState.PROCEEDING:
+                raise exc  # a dialog set up by this very request: a defect, not bad input
+            del self._dialogs[request.call_id]
+            self.ports.release(request.call_id)
+        reason = f"bad request: {type(exc).__name__}"
+        if request.method == "ACK":
+            return [Rejected(source, 400, reason, "ACK", request.call_id)]
+        try:
+            return self._refuse(request, source, transport, 400, reason, now)
+        except (ValueError, LookupError, TypeError):
+            return [Rejected(source, 400, reason, request.method, request.call_id)]
+
+    def _request(
+        self, request: SipRequest, source: Address, transport: str, now: float
+    ) -> list[Output]:
         if request.method == "ACK":
             return self._ack(request)
         if not self.allowlist.allows(source[0]):

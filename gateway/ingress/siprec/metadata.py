@@ -212,7 +212,7 @@ def parse_metadata(document: bytes | str) -> RecordingMetadata:
         raise MetadataError("DTDs and entity declarations are not accepted")
     try:
         root = ET.fromstring(raw.strip())
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise MetadataError(f"malformed rs-metadata XML: {exc}") from None
     datamode = None
     sessions: list[str] = []
