@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from gateway.ingress.siprec.message import Headers, SipRequest
-from gateway.ingress.siprec.metadata import RecordingMetadata, parse_metadata, split_body
+from gateway.ingress.siprec.metadata import (
+    MetadataError,
+    RecordingMetadata,
+    parse_metadata,
+    split_body,
+)
 from gateway.ingress.siprec.participants import ChannelMap, RolePolicy, map_channels
 from gateway.ingress.siprec.sdp import SessionDescription, answer, negotiate, parse_sdp
 from gateway.media.codec import Codec
@@ -279,3 +284,17 @@ def test_unusable_m_lines_get_port_zero_in_order() -> None:
     channels = map_channels(offer, result.streams, None)
     assert [(c.index, c.codec, c.sample_rate) for c in channels.channels] == [(0, Codec.L16, 16000)]
     assert channels.mlines == (3,)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_metadata_with_a_dtd_or_entities_is_refused_in_any_encoding(encoding: str) -> None:
+    # An entity expansion ("billion laughs") from the network: refused before any expansion,
+    # also when the document is UTF-16 (no "<!DOCTYPE" bytes to spot).
+    bomb = (
+        f'<?xml version="1.0" encoding="{encoding}"?>'
+        '<!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+        '<recording xmlns="urn:ietf:params:xml:ns:recording:1">'
+        '<participant participant_id="p"><nameID aor="sip:&b;@x"/></participant></recording>'
+    ).encode(encoding)
+    with pytest.raises(MetadataError, match="DTD"):
+        parse_metadata(bomb)

@@ -21,6 +21,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as defused_fromstring
+
 __all__ = [
     "BodyError",
     "MetadataError",
@@ -208,10 +211,10 @@ def parse_metadata(document: bytes | str) -> RecordingMetadata:
     raw = document.encode("utf-8") if isinstance(document, str) else document
     if len(raw) > MAX_METADATA_BYTES:
         raise MetadataError(f"metadata of {len(raw)} bytes (max {MAX_METADATA_BYTES})")
-    if b"<!DOCTYPE" in raw or b"<!ENTITY" in raw:
-        raise MetadataError("DTDs and entity declarations are not accepted")
     try:
-        root = ET.fromstring(raw.strip())
+        root = defused_fromstring(raw.strip(), forbid_dtd=True)
+    except DefusedXmlException:
+        raise MetadataError("DTDs and entity declarations are not accepted") from None
     except (ET.ParseError, LookupError, ValueError) as exc:  # LookupError: unknown encoding
         raise MetadataError(f"malformed rs-metadata XML: {exc}") from None
     datamode = None
