@@ -639,3 +639,37 @@ async def test_a_call_that_breaks_sends_bye(
         await gw.idle()
         assert svc.ports.in_use == 0
         client.close()
+
+
+async def test_forged_srtp_packets_do_not_capture_the_stream(tmp_path: Path) -> None:
+    """Packets that fail SRTP authentication, from another socket, arriving before and during
+    the SBC's media: the stream latches onto the authentic sender, none of its packets are
+    dropped as coming from the wrong address, and the forged ones are counted as rejected."""
+    key = bytes(range(30))
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target, srtp_key=key)
+        ports = [("127.0.0.1", p) for p in answer_ports(ok)]
+        call = svc._calls[dialog.call_id]
+
+        async def forger() -> None:
+            for _ in range(10):
+                await play_rtp(ports[:1], [SILENCE[:320]], srtp_key=bytes(30))
+                await asyncio.sleep(0.2)
+
+        forging = asyncio.create_task(forger())
+        await asyncio.sleep(0.05)  # the first forged packet arrives before any authentic one
+        sent = await play_rtp(ports, [SILENCE, SILENCE], speed=1.0, srtp_key=key)
+        await forging
+        await asyncio.sleep(0.1)
+        assert call.media is not None
+        first = call.media.receivers[0]
+        assert first.stats.accepted == sent  # every authentic packet was taken
+        # The forged ones: refused by SRTP, or (once latched) by their source address.
+        dropped = {s.channel: s.dropped for s in call.streams.values()}
+        assert first.stats.srtp_rejected >= 1 and first.stats.srtp_rejected + dropped[0] == 10
+        assert dropped[1] == 0
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        client.close()

@@ -468,6 +468,7 @@ class ReceiverStats:
     comfort_noise: int = 0
     srtp_rejected: int = 0  # failed SRTP authentication: dropped
     srtp_replayed: int = 0  # a copy of an SRTP packet already taken (libsrtp's replay check)
+    accepted: int = 0  # authentic, well-formed RTP of a negotiated payload type
 
 
 class RtpReceiver:
@@ -555,6 +556,7 @@ class RtpReceiver:
         ):
             self.stats.unknown_payload += 1
             return []
+        self.stats.accepted += 1
         return self._events(self.buffer.push(packet, arrival))
 
     def poll(self, now: float) -> list[IngressEvent]:

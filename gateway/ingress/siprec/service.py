@@ -256,19 +256,25 @@ class _SipCall:
             if media is None or self.stopped is not None:
                 continue
             source = addr  # (host, port[, flow, scope]) as the socket reports it
-            if stream.latched != source:
-                if stream.latched is not None and now - stream.last_at < RELATCH_S:
-                    stream.dropped += 1
-                    continue
-                if stream.latched is not None:
-                    log.info("siprec.rtp_relatched", sip_call_id=self.sip_call_id)
-                stream.latched = source
-            stream.last_at = now
+            latched = stream.latched
+            if latched is not None and latched != source and now - stream.last_at < RELATCH_S:
+                stream.dropped += 1  # another sender while the latched one is alive
+                continue
+            receiver = media.receivers[stream.channel]
+            accepted = receiver.stats.accepted
             self.packets += 1
             self.bytes += len(data)
             for event in media.receive(stream.channel, data, now):
                 self.queue.append((event, now))
                 got = True
+            if receiver.stats.accepted == accepted:
+                continue  # forged, malformed or foreign: it must not capture the stream
+            if stream.latched != source:
+                # Latch (or move) only on a packet the receiver took: with SRTP, authentic.
+                if stream.latched is not None:
+                    log.info("siprec.rtp_relatched", sip_call_id=self.sip_call_id)
+                stream.latched = source
+            stream.last_at = now
         if got:
             self.wake.set()
         if self.packets - self.packets_counted >= COUNT_EVERY:
