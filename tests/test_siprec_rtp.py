@@ -185,6 +185,22 @@ def test_ssrc_change_keeps_the_channel_aligned() -> None:
     assert m.receivers[0].buffer.stats.ssrc_changes == 1
 
 
+def test_two_senders_interleaved_on_one_port_keep_the_first_and_real_time() -> None:
+    # A misbehaving SBC (or a stray sender) interleaves a second SSRC 1:1 with the first: the
+    # stream stays locked to the first; the timeline runs at real time, not twice as fast.
+    m = media(0)
+    datagrams = []
+    for k in range(50):
+        datagrams.append((k * 0.02, packet(k)))
+        datagrams.append((k * 0.02 + 0.01, packet(k + 100, seq0=7, ts0=99, ssrc=0xF00)))
+    audio = render(play(m, datagrams))
+    assert len(audio) == 50 * FRAME  # 1 s of audio for 1 s of call
+    assert_aligned(audio, {k: k * FRAME for k in range(50)})
+    stats = m.receivers[0].buffer.stats
+    assert stats.ssrc_changes == 0
+    assert stats.foreign_ssrc == 49  # and the last one, still held when the call ended
+
+
 def test_ssrc_change_after_a_pause_uses_arrival_time() -> None:
     m = media(0)
     first = [(k * 0.02, packet(k)) for k in range(20)]

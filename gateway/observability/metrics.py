@@ -151,7 +151,8 @@ class Metrics:
             "callgate_siprec_rtp_dropped",
             "RTP packets of recorded streams dropped before the call clock, by reason: "
             "malformed, unknown_payload (a type the SDP did not offer), srtp_rejected (failed "
-            "SRTP authentication), duplicate, late (after the jitter buffer moved on)",
+            "SRTP authentication), duplicate, late (after the jitter buffer moved on), "
+            "foreign_ssrc (another sender's SSRC interleaved with the locked one)",
             ["reason"],
             registry=r,
         )

@@ -63,6 +63,10 @@ _SEQ_MOD = 1 << 16
 _TS_MOD = 1 << 32
 # RFC 3550 A.1: a sequence jump this large (either way) is a restart, not loss.
 MAX_DROPOUT = 3000
+# Packets in a row from a new SSRC, with none from the locked one, before the stream switches to
+# it (RFC 3550 8.2 leaves this to the receiver; loreste/siprec locks the same way). Held, then
+# replayed, so a real change loses nothing.
+SSRC_SWITCH = 3
 MAX_MISORDER = 100
 
 
@@ -230,6 +234,7 @@ class JitterStats:
     reordered: int = 0
     ssrc_changes: int = 0
     resyncs: int = 0
+    foreign_ssrc: int = 0  # packets of another SSRC while the locked one was still sending
 
 
 @dataclass(slots=True)
@@ -275,6 +280,10 @@ class JitterBuffer:
         self._held: dict[int, _Held] = {}
         self._recent: deque[int] = deque(maxlen=128)
         self._ssrc: int | None = None
+        # Packets of an SSRC other than the locked one, held until it has sent SSRC_SWITCH of
+        # them in a row (a transfer: switch, replaying them) or the locked one sends again
+        # (two senders interleaved on one port: dropped, so the timeline does not run double).
+        self._candidate: list[tuple[RtpPacket, float]] = []
         self._max_ext_seq = 0
         self._next_seq = 0  # the next extended sequence number to release
         self._ref_ext_ts = 0  # extended timestamp of the highest sequence so far
@@ -291,13 +300,38 @@ class JitterBuffer:
     def push(self, packet: RtpPacket, arrival: float) -> list[Frame]:
         """Take one packet that arrived at ``arrival`` (seconds); return the released frames."""
         self.stats.received += 1
-        out: list[Frame] = []
-        if self._ssrc is None or packet.ssrc != self._ssrc:
-            if self._ssrc is not None:
-                self.stats.ssrc_changes += 1
-                out += self._release_all()
+        if self._ssrc is None:
             self._anchor(packet, arrival)
-            return out + self._accept(self._max_ext_seq, packet, arrival)
+            return self._accept(self._max_ext_seq, packet, arrival)
+        if packet.ssrc != self._ssrc:
+            return self._other_ssrc(packet, arrival)
+        if self._candidate:  # the locked sender goes on: the other one was not a change
+            self.stats.foreign_ssrc += len(self._candidate)
+            self._candidate = []
+        return self._push(packet, arrival)
+
+    def _other_ssrc(self, packet: RtpPacket, arrival: float) -> list[Frame]:
+        candidate = self._candidate
+        if candidate and candidate[0][0].ssrc != packet.ssrc:
+            self.stats.foreign_ssrc += len(candidate)  # a third sender: start counting again
+            candidate.clear()
+        candidate.append((packet, arrival))
+        if len(candidate) < SSRC_SWITCH:
+            return []
+        # Sustained traffic from the new SSRC and none from the locked one: a real change.
+        held, self._candidate = candidate, []
+        self.stats.ssrc_changes += 1
+        out = self._release_all()
+        first, first_arrival = held[0]
+        self._anchor(first, first_arrival)
+        out += self._accept(self._max_ext_seq, first, first_arrival)
+        for later, at in held[1:]:
+            out += self._push(later, at)
+        return out
+
+    def _push(self, packet: RtpPacket, arrival: float) -> list[Frame]:
+        """A packet of the locked SSRC."""
+        out: list[Frame] = []
         ext_seq = self._extend_seq(packet.sequence)
         if abs(ext_seq - self._max_ext_seq) > MAX_DROPOUT:
             # A sequence restart within the same SSRC: start over like a new stream.

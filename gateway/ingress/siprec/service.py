@@ -295,6 +295,7 @@ class _SipCall:
             dropped["srtp_rejected"] += stats.srtp_rejected
             dropped["duplicate"] += jitter.duplicates + stats.srtp_replayed
             dropped["late"] += jitter.late
+            dropped["foreign_ssrc"] += jitter.foreign_ssrc
         for reason, total in dropped.items():
             if total > self.dropped_counted[reason]:
                 metrics.siprec_rtp_dropped.labels(reason).inc(total - self.dropped_counted[reason])
