@@ -495,6 +495,18 @@ async def test_options_over_tls(tmp_path: Path) -> None:
         client.send(dialog.request("OPTIONS", in_dialog=False))
         ok = await client.expect(200)
         assert "siprec" in (ok.headers.get("Supported") or "")
+        # A call over TLS: our Contact names the TLS port (in-dialog requests go there), not
+        # the UDP one.
+        client.send(dialog.invite())
+        await client.expect(100)
+        answer = await client.expect(200)
+        contact = answer.headers.get("Contact") or ""
+        assert f"127.0.0.1:{port};transport=tls>" in contact, contact
+        assert port != svc.sip_ports["udp"]
+        dialog.to_tag = parse_name_addr(answer.headers.get("To") or "").tag
+        client.send(dialog.ack())
+        client.send(dialog.bye())
+        await client.expect(200)
         client.close()
 
 

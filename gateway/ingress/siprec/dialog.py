@@ -220,13 +220,16 @@ class PortAllocator(Protocol):
 class ServerConfig:
     """Static settings of the SRS core.
 
-    ``host``/``port`` go into our Contact; ``media_address`` into the SDP answer. ``allowlist``
+    ``host``/``port`` go into our Contact, with ``transport_ports`` naming the port of each
+    transport we listen on (TLS is usually not UDP's port); ``media_address`` into the SDP
+    answer. ``allowlist``
     holds CIDRs (empty: everyone). ``digest`` challenges out-of-dialog INVITEs when set.
     ``supported`` are the option tags a ``Require`` may name. Times are seconds.
     """
 
     host: str
     port: int = 5060
+    transport_ports: tuple[tuple[str, int], ...] = ()  # ("tls", 5061), ...; else ``port``
     media_address: str | None = None
     user: str = "srs"
     allowlist: tuple[str, ...] = ()
@@ -240,6 +243,10 @@ class ServerConfig:
     user_agent: str = "callgate-srs"
     max_channels: int = 8
     srtp: str = "allow"  # off | allow | require (sdp.SRTP_POLICIES)
+
+    def port_for(self, transport: str) -> int:
+        """Our port for ``transport`` (udp, tcp, tls)."""
+        return dict(self.transport_ports).get(transport.lower(), self.port)
 
 
 class DialogState(StrEnum):
@@ -438,7 +445,8 @@ class SiprecServer:
         headers: list[tuple[str, str]] = [
             (
                 "Via",
-                f"SIP/2.0/{dialog.transport.upper()} {self.config.host}:{self.config.port}"
+                f"SIP/2.0/{dialog.transport.upper()} {self.config.host}"
+                f":{self.config.port_for(dialog.transport)}"
                 f";branch=z9hG4bK{uuid.uuid4().hex}",
             ),
             ("Max-Forwards", "70"),
@@ -957,7 +965,8 @@ class SiprecServer:
 
     def _contact(self, transport: str) -> str:
         suffix = "" if transport == "udp" else f";transport={transport}"
-        return f"<sip:{self.config.user}@{self.config.host}:{self.config.port}{suffix}>;+sip.srs"
+        port = self.config.port_for(transport)
+        return f"<sip:{self.config.user}@{self.config.host}:{port}{suffix}>;+sip.srs"
 
     def _capabilities(self) -> list[tuple[str, str]]:
         return [

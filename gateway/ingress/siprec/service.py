@@ -479,6 +479,7 @@ class SiprecService:
             ServerConfig(
                 host=address,
                 port=port,
+                transport_ports=tuple(transports.ports.items()),
                 media_address=address,
                 allowlist=tuple(conf.allowlist),
                 digest=DigestAuth(conf.digest_realm, users) if users else None,
