@@ -215,3 +215,20 @@ def test_truncated_datagrams_never_raise(cut: int) -> None:
 def test_headers_replace() -> None:
     h = Headers.of([("via", "a"), ("To", "b")])
     assert h.replace("t", "c").get("To") == "c" and h.replace("To", None).get("To") is None
+
+
+def test_stream_keepalive_pings_are_counted_even_when_split() -> None:
+    # RFC 5626: a client pings with CRLFCRLF between messages; the transport answers each with
+    # a CRLF pong, so the parser counts them, across reads too.
+    parser = SipParser()
+    assert parser.feed(b"\r\n\r\n") == [] and parser.pings == 1
+    assert parser.feed(b"\r\n") == [] and parser.pings == 1
+    assert parser.feed(b"\r\n") == [] and parser.pings == 2
+    options = (
+        b"OPTIONS sip:srs@h SIP/2.0\r\nVia: SIP/2.0/TCP c;branch=z9hG4bK1\r\n"
+        b"From: <sip:c@h>;tag=1\r\nTo: <sip:srs@h>\r\nCall-ID: k\r\nCSeq: 1 OPTIONS\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    [message] = parser.feed(b"\r\n" + options)
+    assert isinstance(message, SipRequest) and message.method == "OPTIONS"
+    assert parser.pings == 2  # one CRLF before a message is not a ping

@@ -685,3 +685,17 @@ async def test_forged_srtp_packets_do_not_capture_the_stream(tmp_path: Path) -> 
         client.send(dialog.bye(), target)
         await client.expect(200)
         client.close()
+
+
+async def test_a_tcp_keepalive_ping_gets_a_pong(tmp_path: Path) -> None:
+    # RFC 5626 4.4.1: SBCs keep their TCP flows alive with CRLFCRLF and drop a flow that never
+    # answers; the recording server answers each ping with CRLF.
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (_gw, svc):
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.sip_ports["tcp"])
+        try:
+            writer.write(b"\r\n\r\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\r\n"
+        finally:
+            writer.close()
+            await writer.wait_closed()

@@ -202,7 +202,9 @@ async def list_calls(request: web.Request) -> web.Response:
             and (until is None or (s["started_at"] or 0) < until)
         ]
         summaries.sort(key=lambda s: (s["started_at"] or 0, s["id"]), reverse=True)
-        start = int(cursor) if cursor and cursor.isdigit() else 0
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit()):
+            raise web.HTTPBadRequest(text="invalid cursor\n")  # as the store answers
+        start = int(cursor) if cursor else 0
         calls = summaries[start : start + limit]
         if start + limit < len(summaries):
             next_cursor = str(start + limit)

@@ -286,6 +286,10 @@ class SipParser:
         self.max_datagram_bytes = max_datagram_bytes
         self._buf = bytearray()
         self._discard = 0  # stream bytes of an oversized body still to skip
+        # RFC 5626 4.4.1 keep-alive pings (CRLFCRLF between messages) seen on the stream; the
+        # transport answers each with a CRLF pong.
+        self.pings = 0
+        self._crlfs = 0  # consecutive CRLFs at a message boundary
 
     # -- datagrams -------------------------------------------------------------------------
 
@@ -369,8 +373,13 @@ class SipParser:
                     break
             while self._buf[:2] == b"\r\n":  # keep-alives between messages (RFC 5626)
                 del self._buf[:2]
+                self._crlfs += 1
+                if self._crlfs == 2:
+                    self.pings += 1
+                    self._crlfs = 0
             if not self._buf:
                 break
+            self._crlfs = 0
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._buf) > self.max_header_bytes:

@@ -154,7 +154,11 @@ class SipTransports:
                 if not data:
                     break
                 fatal = False
-                for result in parser.feed(data):
+                pings = parser.pings
+                results = parser.feed(data)
+                if parser.pings > pings:
+                    writer.write(b"\r\n" * (parser.pings - pings))  # RFC 5626 4.4.1 pong
+                for result in results:
                     if self.closed:
                         break
                     self.deliver(result, source, name)
