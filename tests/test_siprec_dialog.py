@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
+
 from gateway.ingress.events import (
     CallEnded,
     CallStarted,
@@ -29,6 +31,7 @@ from gateway.ingress.siprec.dialog import (
     Send,
     ServerConfig,
     SiprecServer,
+    uri_address,
 )
 from gateway.ingress.siprec.message import (
     Headers,
@@ -741,3 +744,18 @@ def test_headers_and_bodies_that_fail_deeper_down_are_answered_not_raised() -> N
     )
     request = invite_for("cisco-siprec-offer.txt", extra=(("Authorization", forged),))
     assert statuses(deliver(guarded, request, 2.0))[-1] in (401, 403)
+
+
+@pytest.mark.parametrize(
+    ("uri", "address"),
+    [
+        ("sip:src@192.0.2.10:5070", ("192.0.2.10", 5070)),
+        ("sip:src@192.0.2.10;transport=tcp", ("192.0.2.10", 5060)),
+        ("sip:src@sbc.example;transport=tls", ("sbc.example", 5061)),
+        ("sips:sbc.example", ("sbc.example", 5061)),
+        ("sip:src@[2001:db8::1]:5080;transport=tcp", ("2001:db8::1", 5080)),
+        ("sip:", None),
+    ],
+)
+def test_uri_address(uri: str, address: tuple[str, int] | None) -> None:
+    assert uri_address(uri) == address

@@ -699,3 +699,46 @@ async def test_a_tcp_keepalive_ping_gets_a_pong(tmp_path: Path) -> None:
         finally:
             writer.close()
             await writer.wait_closed()
+
+
+async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_gone(
+    tmp_path: Path,
+) -> None:
+    # The SBC closed its TCP connection after the ACK (idle timeout); the gateway then ends the
+    # call (maximum duration): the BYE goes over a new connection to the SBC's Contact (RFC 3261
+    # 18.1.1) instead of being dropped, and the SBC's 200 comes back on it.
+    received: asyncio.Queue[SipRequest] = asyncio.Queue()
+
+    async def sbc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = SipParser()
+        while chunk := await reader.read(65536):
+            for message in parser.feed(chunk):
+                if isinstance(message, SipRequest):
+                    received.put_nowait(message)
+                    writer.write(build_response(message, 200, "OK").to_bytes())
+        writer.close()
+
+    listener = await asyncio.start_server(sbc, "127.0.0.1", 0)
+    contact_port = int(listener.sockets[0].getsockname()[1])
+    base = siprec_settings(tmp_path)
+    settings = base.model_copy(update={"calls": base.calls.model_copy(update={"max_call_s": 1.0})})
+    try:
+        async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+            port = svc.sip_ports["tcp"]
+            client = await SipTcpClient.open(port)
+            dialog = client.dialog(("127.0.0.1", port))
+            dialog.local = ("127.0.0.1", contact_port)  # our Contact: the SBC's listener
+            client.send(dialog.invite())
+            await client.expect(100)
+            ok = await client.expect(200)
+            dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+            client.send(dialog.ack())
+            await client.writer.drain()
+            client.close()
+            bye = await asyncio.wait_for(received.get(), 5.0)
+            assert bye.method == "BYE" and bye.call_id == dialog.call_id
+            await gw.idle()
+            assert svc.ports.in_use == 0
+    finally:
+        listener.close()
+        await listener.wait_closed()

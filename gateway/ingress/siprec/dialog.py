@@ -121,11 +121,16 @@ RELIABLE = frozenset({"tcp", "tls", "ws", "wss"})
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Write ``message`` to ``destination`` over ``transport`` (the one it came in on)."""
+    """Write ``message`` to ``destination`` over ``transport`` (the one it came in on).
+
+    ``target`` (requests we originate, a BYE) is where to open a new connection when the one
+    the dialog used is gone (RFC 3261 18.1.1): the host and port of the Request-URI.
+    """
 
     message: SipMessage
     destination: Address
     transport: str
+    target: Address | None = None
 
     @property
     def data(self) -> bytes:
@@ -247,6 +252,25 @@ class ServerConfig:
     def port_for(self, transport: str) -> int:
         """Our port for ``transport`` (udp, tcp, tls)."""
         return dict(self.transport_ports).get(transport.lower(), self.port)
+
+
+def uri_address(uri: str) -> Address | None:
+    """The (host, port) a SIP URI names (``sip:user@host:port;params``; port 5060, or 5061
+    for ``sips:`` and ``transport=tls``); None when it names none."""
+    scheme, _, rest = uri.partition(":")
+    rest, _, params = rest.partition(";")
+    hostport = rest.rpartition("@")[2]
+    secure = scheme.lower() == "sips" or "transport=tls" in params.lower()
+    default = 5061 if secure else 5060
+    if hostport.startswith("["):  # [IPv6]:port
+        host, _, tail = hostport[1:].partition("]")
+        port_text = tail[1:] if tail.startswith(":") else ""
+    else:
+        host, _, port_text = hostport.partition(":")
+    if not host:
+        return None
+    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else default
+    return (host, port)
 
 
 class DialogState(StrEnum):
@@ -411,7 +435,7 @@ class SiprecServer:
         out: list[Output] = []
         if dialog.state is not DialogState.PROCEEDING:
             bye = self._bye(dialog)
-            out.append(Send(bye, dialog.source, dialog.transport))
+            out.append(Send(bye, dialog.source, dialog.transport, uri_address(bye.uri)))
             if dialog.transport not in RELIABLE:
                 t1 = self.config.t1
                 branch = via_branch(bye.headers.get("Via") or "") or ""

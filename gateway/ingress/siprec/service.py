@@ -575,7 +575,7 @@ class SiprecService:
 
     def _transports_send(self, out: Send) -> None:
         assert self._transports is not None
-        if not self._transports.send(out.data, out.destination, out.transport):
+        if not self._transports.send(out.data, out.destination, out.transport, out.target):
             log.debug("siprec.send_dropped", transport=out.transport, remote=out.destination[0])
 
     def _call_event(self, out: CallEvent) -> None:

@@ -36,6 +36,7 @@ MessageHandler = Callable[[ParseResult, Address, str], None]
 MAX_WRITE_BUFFER = 1 << 20
 READ_BYTES = 65536
 CLOSE_WAIT_S = 2.0  # connections still open this long after close() are cancelled
+CONNECT_TIMEOUT_S = 5.0  # a new connection for a request whose dialog connection is gone
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -113,8 +114,15 @@ class SipTransports:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, data: bytes, destination: Address, transport: str) -> bool:
-        """Write ``data`` to ``destination`` over ``transport``; False if that is impossible."""
+    def send(
+        self, data: bytes, destination: Address, transport: str, target: Address | None = None
+    ) -> bool:
+        """Write ``data`` to ``destination`` over ``transport``; False if that is impossible.
+
+        Over TCP, when the connection to ``destination`` is gone and ``target`` is given (a
+        request we originate), a new connection to ``target`` carries it (RFC 3261 18.1.1);
+        its responses are read like any connection's.
+        """
         if self.closed:
             return False
         if transport == "udp":
@@ -124,6 +132,11 @@ class SipTransports:
             return True
         writer = self._writers.get((transport, destination))
         if writer is None or writer.is_closing():
+            if transport == "tcp" and target is not None:
+                task = asyncio.get_running_loop().create_task(self._connect(data, target))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return True
             log.debug("siprec.no_connection", transport=transport, remote=destination[0])
             return False
         writer.write(data)
@@ -133,6 +146,17 @@ class SipTransports:
         return True
 
     # -- connections ---------------------------------------------------------------------------
+
+    async def _connect(self, data: bytes, target: Address) -> None:
+        """Open a TCP connection to ``target``, send ``data``, then serve it as any other."""
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(target[0], target[1])
+        except (OSError, TimeoutError) as exc:
+            log.warning("siprec.connect_failed", remote=target[0], error=repr(exc))
+            return
+        writer.write(data)
+        await self._connection(reader, writer, "tcp")
 
     async def _connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str
