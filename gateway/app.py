@@ -120,7 +120,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
         )
         app.cleanup_ctx.append(app[SIPREC].context)
     app.on_shutdown.append(_close_live_feeds)
-    app[api.ON_DELETE] = [_delete_files_of(app[TRANSCRIPTS])]
+    app[api.ON_DELETE] = [_delete_files_of(app[TRANSCRIPTS], _recordings_dir(settings))]
 
     dialects: tuple[tuple[Dialect, MediaStreamSettings], ...] = (
         ("twilio", settings.twilio),
@@ -209,12 +209,16 @@ async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:
         await engines.close()
 
 
-def _delete_files_of(files: TranscriptFiles) -> api.DeleteHook:
+def _recordings_dir(settings: Settings) -> Path:
+    return Path(settings.recording.dir or Path(settings.server.data_dir) / "recordings")
+
+
+def _delete_files_of(files: TranscriptFiles, recordings: Path) -> api.DeleteHook:
     async def delete(summary: dict[str, Any]) -> None:
-        paths = [files.path(summary["id"])]
-        recording = (summary.get("metadata") or {}).get("recording")
-        if recording:
-            paths.append(Path(recording))
+        # Paths come from the call id only, never from its metadata: sources write metadata.
+        call_id = summary["id"]
+        recording = recordings / f"{call_id}.wav"
+        paths = [files.path(call_id), recording, recording.with_name(recording.name + ".widen")]
 
         def unlink() -> None:
             for path in paths:
@@ -486,9 +490,7 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry.on_finished(finished)
     recording = app[SETTINGS].recording
     if recording.enabled:
-        _record_calls(
-            registry, Path(recording.dir or Path(app[SETTINGS].server.data_dir) / "recordings")
-        )
+        _record_calls(registry, _recordings_dir(app[SETTINGS]))
     try:
         yield
     finally:

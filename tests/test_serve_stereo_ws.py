@@ -4,6 +4,7 @@ real loopback sockets (scripted recognizer)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,29 @@ def _cli(argv: list[str], api_key: str | None = None) -> int:
     if api_key is not None:
         args.api_key = api_key
     return simulate_cli.run(args)
+
+
+async def test_stream_metadata_cannot_name_a_file_for_the_gateway_to_delete(
+    tmp_path: Path,
+) -> None:
+    # A client puts "recording" in its metadata (first frame or a later text frame): the call's
+    # metadata keeps no such key, and deleting the call removes only the gateway's own files.
+    victim = tmp_path / "victim.txt"
+    await asyncio.to_thread(victim.write_text, "precious")
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(gw.ws(PATH), headers={"X-Callgate-Secret": STEREO_SECRET})
+            start = {"sampleRate": 8000, "mixType": "stereo", "callSid": "CAREC", "recording": "x"}
+            await ws.send_str(json.dumps(start))
+            for _ in range(50):
+                await ws.send_bytes(b"\x00\x00" * 320)
+            await ws.send_str(json.dumps({"recording": str(victim)}))
+            await asyncio.sleep(0.2)
+            await ws.close()
+        await gw.idle()
+        doc = await gw.transcript("CAREC")
+        assert "recording" not in doc["metadata"]
+        async with aiohttp.ClientSession() as session:
+            async with session.delete(f"{gw.http}/v1/calls/CAREC") as resp:
+                assert resp.status == 204
+    assert await asyncio.to_thread(victim.exists)

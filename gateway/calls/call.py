@@ -207,7 +207,7 @@ class Call:
             )
         self.source = event.source
         self.source_ids = dict(event.source_ids)
-        self.metadata = dict(event.metadata)
+        self.metadata = _source_metadata(event.metadata)
         self.started_at = time.time()
         specs = [self._with_overrides(spec) for spec in event.channels]
         self.merger = TurnMerger(
@@ -278,7 +278,7 @@ class Call:
         # stands still); a new leg's audio placed before that would be dropped as late.
         now_ms = min(reached) if reached else self.frontier_ms
         self._open_channel(spec, now_ms * spec.sample_rate // 1000)
-        self.metadata.update(event.metadata)
+        self.metadata.update(_source_metadata(event.metadata))
         assert self.merger is not None
         self.merger.add_channel(channel_info(spec), now_ms)
         self._emit(CallUpdated("channel_added", spec.index))
@@ -350,7 +350,7 @@ class Call:
 
     def _metadata(self, event: MetadataChanged) -> None:
         self._require(CallState.ACTIVE)
-        self.metadata.update(event.metadata)
+        self.metadata.update(_source_metadata(event.metadata))
         infos: list[ChannelInfo] = []
         for spec in event.channels:
             channel = self.channels.get(spec.index)
@@ -530,3 +530,11 @@ class Call:
             duration_ms=self.duration_ms,
             metadata=dict(self.metadata),
         )
+
+
+GATEWAY_METADATA = frozenset({"recording"})
+"""Metadata keys the gateway itself sets (the recording's path); a source cannot set them."""
+
+
+def _source_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if k not in GATEWAY_METADATA}
