@@ -316,6 +316,48 @@ async def test_reconnect_continues_the_call(tmp_path: Path) -> None:
         assert metric(metrics, "callgate_stream_continuations_total", source="audiohook") == 1
 
 
+async def test_a_session_of_another_conversation_cannot_continue_a_call(tmp_path: Path) -> None:
+    # continuedSessions names a live call's session, but the organization and conversation are
+    # someone else's: a new call, never the other one (session ids are no credential).
+    settings = ingress_settings_for(tmp_path, audiohook={"reconnect_grace_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws(PATH)
+        first = await simulate_audiohook(
+            url, silent_call(1.0), _options(speed=0, close_reason="reconnect")
+        )
+        assert first.completed, first
+        for organization, conversation in (
+            ("11111111-2222-3333-4444-555555555555", first.conversation_id),
+            (None, "99999999-0000-0000-0000-000000000000"),
+        ):
+            other = await simulate_audiohook(
+                url,
+                silent_call(0.5),
+                _options(
+                    speed=0,
+                    continued_sessions=(first.session_id,),
+                    conversation_id=conversation,
+                    **({"organization_id": organization} if organization else {}),
+                ),
+            )
+            assert other.completed, other
+        await gw.idle()
+        assert len(list(gw.registry.recent())) == 3
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_stream_continuations_total", source="audiohook") == 0
+
+
+async def test_a_signature_over_a_percent_encoded_query_verifies(tmp_path: Path) -> None:
+    # Genesys signs the request target as sent: %2F in the query must not be decoded first.
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        result = await simulate_audiohook(
+            gw.ws(PATH) + "?tenant=acme%2Feu&next=https%3A%2F%2Fx",
+            silent_call(0.5),
+            _options(speed=0),
+        )
+        assert result.completed, result
+
+
 async def test_transcripts_after_a_reconnect_are_on_the_new_sessions_timeline(
     tmp_path: Path,
 ) -> None:

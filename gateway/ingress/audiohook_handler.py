@@ -117,7 +117,8 @@ class AudioHookHandler:
             return self._refuse(request, 503, exc.reason, str(exc))
         failure = self.authenticator.check(
             UpgradeRequest(
-                request_target=request.path_qs,
+                # Raw, as Genesys signed it: path_qs decodes %2F, %3A, ... in the query.
+                request_target=request.raw_path,
                 authorities=authorities(request, self.settings),
                 headers=request.headers,
             ),
@@ -387,7 +388,7 @@ class _Session:
             continues=len(session.continued_sessions),
         )
         self.log.debug("audiohook.participant", ani=metadata.get("ani"), dnis=metadata.get("dnis"))
-        live = self._continued_call(session.continued_sessions)
+        live = self._continued_call(session.continued_sessions, source_ids)
         if live is not None:
             self.placement = continue_call(live, started, self.link, h.metrics, SOURCE)
             self.live = live
@@ -409,17 +410,27 @@ class _Session:
             self._listen(live.call)
         await self.send(session.accept())
 
-    def _continued_call(self, ids: tuple[str, ...]) -> LiveCall | None:
-        """The live call one of the sessions ``ids`` belonged to (None: a new call)."""
+    def _continued_call(self, ids: tuple[str, ...], source_ids: dict[str, str]) -> LiveCall | None:
+        """The live call one of the sessions ``ids`` belonged to (None: a new call). Only a
+        call of the same organization and conversation: session ids are no credential."""
         if not ids:
             return None
         wanted = set(ids)
+        same = ("organizationId", "conversationId")
         for live in self.h.registry.active():
             if live.source != SOURCE or not live.accepting:
                 continue
             sessions = set(live.call.metadata.get(SESSIONS_KEY, "").split(","))
-            if sessions & wanted:
+            if not sessions & wanted:
+                continue
+            if all(live.call.source_ids.get(k) == source_ids.get(k) for k in same):
                 return live
+            self.log.warning(
+                "audiohook.continuation_refused",
+                session_id=self.session.id,
+                reason="continuedSessions of another organization or conversation",
+            )
+            return None
         return None
 
     async def _fill_reconnect_gap(self, live: LiveCall) -> None:

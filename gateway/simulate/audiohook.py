@@ -43,6 +43,7 @@ from gateway.simulate.twilio import CallAudio, load_call_audio, play_concurrentl
 
 if TYPE_CHECKING:
     import aiohttp
+from yarl import URL
 
 RATE = 8000
 Format = Literal["PCMU", "L16"]
@@ -375,7 +376,11 @@ async def simulate_audiohook(
     )
     try:
         try:
-            ws = await s.ws_connect(url, headers=upgrade_headers(url, script), autoping=True)
+            # encoded=True: the request target goes out byte for byte as it was signed (yarl
+            # would otherwise normalize it, e.g. decode %2F in the query).
+            ws = await s.ws_connect(
+                URL(url, encoded=True), headers=upgrade_headers(url, script), autoping=True
+            )
         except aiohttp.WSServerHandshakeError as exc:
             return result(False, None, exc.message, exc.status)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
