@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from gateway.calls.call import Call, CallOptions, ChannelFailed
 from gateway.config import AssemblyAISettings
@@ -22,7 +22,7 @@ from gateway.ingress.events import Audio, CallEnded, CallStarted, ChannelSpec
 from gateway.media.codec import Codec
 from gateway.stt.assemblyai import AssemblyAIEngine, AssemblyAISession
 from gateway.stt.scripted import ScriptedEngine, parse_script, timecode_audio
-from gateway.stt.session import SessionParams
+from gateway.stt.session import SessionParams, SttError
 from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app
 from gateway.transcript.model import Transcript
 
@@ -279,3 +279,131 @@ async def test_a_law_is_sent_as_16_bit_pcm_of_the_same_duration() -> None:
     finally:
         await runner.cleanup()
     assert [u.text for u in call.transcript().utterances] == ["early", "late"]
+
+
+async def _session_events(session: AssemblyAISession) -> list[object]:
+    return [event async for event in session.events()]
+
+
+async def test_a_session_that_dies_after_every_begin_gives_up() -> None:
+    # Each session reaches Begin and is closed (3005) before any final: that is no progress, so
+    # the retries run out (they used to start over at every Begin: endless reconnects, and the
+    # call end never returned).
+    faults = {0: [Fault("close", after_ms=300, code=3005)] * 50}
+    async with harness(faults=faults, client={"max_retries": 3}) as h:
+        session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        for start in range(0, 2 * RATE, 160):
+            await session.send(timecode_audio(start, 160))
+            await asyncio.sleep(0.005)
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    fatal = [e for e in events if isinstance(e, SttError) and e.fatal]
+    assert fatal and "gave up after 3 retries" in fatal[0].reason, events
+    assert h.servers[0].stats.sessions == 4
+
+
+async def test_finish_while_pacing_still_sends_the_last_partial_chunk() -> None:
+    # 1050 ms pushed at once (a file, a replay backlog), then finish(): the last 50 ms, less
+    # than a chunk, reaches the service before Terminate (it used to be dropped).
+    async with harness(client={"max_catchup_ms": 0}) as h:
+        session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        await session.send(timecode_audio(0, RATE * 1050 // 1000))
+        await asyncio.sleep(0.3)  # connected, and pacing the backlog
+        await asyncio.wait_for(session.finish(), 30)
+        await reader
+    assert h.servers[0].stats.audio_bytes == RATE * 1050 // 1000 * 2
+
+
+async def test_time_connected_before_any_audio_is_no_credit_to_send_faster() -> None:
+    # A leg whose media starts 3 s late: the clock then releases those 3 s at once. The service
+    # measures real time from the first audio, so must the client (it paced from Begin and got
+    # closed 3007, "faster than real time", which failed the channel).
+    async with harness(server_options={"realtime_allowance_s": 1.0}) as h:
+        session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        await asyncio.sleep(3.0)
+        await session.send(timecode_audio(0, RATE * 3))
+        for start in range(RATE * 3, RATE * 4, 160):
+            await session.send(timecode_audio(start, 160))
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    assert not [e for e in events if isinstance(e, SttError)], events
+    assert 3007 not in h.servers[0].stats.closes
+
+
+async def test_a_session_expiring_before_begin_every_time_backs_off_and_gives_up() -> None:
+    # 3008 before Begin is no rollover of a working session: it backs off and counts as a retry
+    # (it used to reconnect at once, forever: hundreds of sessions a second).
+    expired = Fault(
+        "close", before_begin=True, code=3008, reason="Session Expired: Maximum session duration"
+    )
+    async with harness(faults={0: [expired] * 1000}, client={"max_retries": 3}) as h:
+        session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        await session.send(timecode_audio(0, 800))
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    assert [e for e in events if isinstance(e, SttError) and e.fatal], events
+    assert h.servers[0].stats.sessions == 4
+
+
+async def test_a_termination_we_did_not_ask_for_is_followed_by_a_new_session() -> None:
+    # The docs: Termination also comes "when the session expires". Without our Terminate it is
+    # not the end of the channel: a new session takes the audio after the last final (the
+    # channel used to end silently, dropping everything sent afterwards).
+    sessions: list[int] = []
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        sessions.append(0)
+        await ws.send_json({"type": "Begin", "id": f"s{len(sessions)}", "expires_at": 4102444800})
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                sessions[-1] += len(msg.data)
+                if len(sessions) == 1 and sessions[-1] >= 5 * 1600:
+                    await ws.send_json(
+                        {
+                            "type": "Termination",
+                            "audio_duration_seconds": 0,
+                            "session_duration_seconds": 10800,
+                        }
+                    )
+                    await ws.close(code=3008, message=b"Session Expired")
+                    break
+            elif msg.type is WSMsgType.TEXT and "Terminate" in msg.data:
+                await ws.send_json(
+                    {
+                        "type": "Termination",
+                        "audio_duration_seconds": 1,
+                        "session_duration_seconds": 1,
+                    }
+                )
+                await ws.close()
+                break
+        return ws
+
+    app = web.Application()
+    app.add_routes([web.get("/v3/ws", handle)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+        session = AssemblyAIEngine(client_settings(url)).open_session(
+            SessionParams(0, Codec.L16, RATE)
+        )
+        reader = asyncio.create_task(_session_events(session))
+        for start in range(0, 2 * RATE, 160):
+            await session.send(timecode_audio(start, 160))
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    finally:
+        await runner.cleanup()
+    assert len(sessions) == 2 and sessions[1] > 0
+    assert not [e for e in events if isinstance(e, SttError) and e.fatal], events

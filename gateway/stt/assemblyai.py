@@ -60,6 +60,10 @@ from gateway.transcript.model import TurnUpdate, Word
 
 log = get_logger("gateway.stt.assemblyai")
 
+# A connection that lasted this long counts as working even without a final (a silent leg):
+# the retry count starts over after it.
+_STABLE_S = 30.0
+
 
 class _Outcome(Enum):
     DONE = "done"  # Terminate answered: the session is complete
@@ -72,8 +76,9 @@ class _Outcome(Enum):
 class _ConnectionResult:
     outcome: _Outcome
     reason: str
-    began: bool = False  # the session reached Begin (a working connection: retries reset)
+    began: bool = False  # the session reached Begin
     backoff_floor: float = 0.0
+    planned: bool = False  # a rollover we asked for (Terminate near expiry)
     kind: str = "other"  # a bounded token for metric labels (close_1006, connect_failed, ...)
 
 
@@ -168,6 +173,7 @@ class AssemblyAISession:
         self._received = 0
         self._on_socket = 0  # sample index up to which audio has left on a socket
         self.reconnects = 0
+        self.finals_seen = 0  # finals delivered (a connection that made any made progress)
         self._more = asyncio.Event()
         self._wake_at = 0  # sample index at which the sender has a whole chunk to send
         self._finishing = False
@@ -225,11 +231,19 @@ class AssemblyAISession:
     async def _run(self) -> None:
         s = self.settings
         attempt = 0
+        loop = asyncio.get_running_loop()
         try:
             while True:
+                finals, opened_at = self.finals_seen, loop.time()
                 result = await self._connect_once()
                 if result.outcome is _Outcome.DONE:
                     return
+                # Progress: the session finalized something or held up a while. Only then do
+                # retries start over; a session that dies every time after Begin (or expires
+                # before it) would otherwise reconnect forever.
+                progressed = result.began and (
+                    self.finals_seen > finals or loop.time() - opened_at >= _STABLE_S
+                )
                 stats = self._engine.stats
                 if result.outcome is _Outcome.FAILED:
                     self._close_open_partial()
@@ -243,10 +257,10 @@ class AssemblyAISession:
                 ] += 1
                 self.reconnects += 1
                 self._epoch += 1
-                if result.outcome is _Outcome.ROLLOVER:
+                if result.outcome is _Outcome.ROLLOVER and (result.planned or progressed):
                     attempt = 0
-                    continue
-                attempt = 1 if result.began else attempt + 1
+                    continue  # a fresh session at once, replaying from the last final
+                attempt = 1 if progressed else attempt + 1
                 if attempt > s.max_retries:
                     reason = f"gave up after {s.max_retries} retries: {result.reason}"
                     self._output.put_nowait(SttError(self.params.channel, reason, True))
@@ -375,6 +389,7 @@ class AssemblyAISession:
         if update.end_ms <= self._last_final_end_ms:
             return  # replayed audio re-finalized a turn we already delivered
         self._last_final_end_ms = update.end_ms
+        self.finals_seen += 1
         if self._open_partial is not None and self._open_partial.key == update.key:
             self._open_partial = None
         self._output.put_nowait(update)
@@ -521,6 +536,10 @@ class _Conn:
                         # replays everything after the last final (this chunk included).
                         await self._roll_over()
                         return
+                    if audio_ms == 0:
+                        # The service's real-time check starts at the first audio: time spent
+                        # connected without any is no credit to send faster.
+                        self.pacer.reset(time.monotonic())
                     audio_ms += len(chunk) / s._width * 1000 / s.params.sample_rate
                     delay = self.pacer.due(audio_ms) - time.monotonic()
                     if delay > 0:
@@ -532,6 +551,8 @@ class _Conn:
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
                     s._measure(first, self.sent)
                 if queued >= s._received:
+                    if s._finishing and self.chunker.pending_bytes:
+                        continue  # finish() came while sending: the partial tail goes too
                     pending = self.chunker.pending_bytes // s._width
                     s._wake_at = queued - pending + self.chunker.chunk_samples
                     break
@@ -598,8 +619,16 @@ class _Conn:
                     for event in self.tracker.flush():
                         s._on_final(event.turn, self.offset_ms)
                     if self.rollover:
-                        return _ConnectionResult(_Outcome.ROLLOVER, "planned rollover", True)
-                    return _ConnectionResult(_Outcome.DONE, "terminated", True)
+                        return _ConnectionResult(
+                            _Outcome.ROLLOVER, "planned rollover", True, planned=True
+                        )
+                    if self.terminated.is_set():
+                        return _ConnectionResult(_Outcome.DONE, "terminated", True)
+                    # Not asked for (the session expired, or the service ended it): the audio
+                    # after the last final still needs a session.
+                    return _ConnectionResult(
+                        _Outcome.ROLLOVER, "terminated by the service", True, kind="terminated"
+                    )
                 elif isinstance(message, ErrorMessage):
                     s._log.warning("stt.error_frame", code=message.error_code, error=message.error)
         except ConnectionClosed as exc:
@@ -611,7 +640,7 @@ class _Conn:
         for event in self.tracker.flush():
             self.s._on_final(event.turn, self.offset_ms)
         if self.rollover:
-            return _ConnectionResult(_Outcome.ROLLOVER, reason, True)
+            return _ConnectionResult(_Outcome.ROLLOVER, reason, True, planned=True)
         # Finishing without a Termination: the audio after the last final was not confirmed.
         # Retry so the tail is transcribed by a fresh session.
         return _ConnectionResult(_Outcome.RETRY, reason, True, kind=kind)

@@ -92,6 +92,7 @@ class _Stats:
     sessions: int = 0
     active: int = 0
     closes: dict[int, int] = field(default_factory=dict)
+    audio_bytes: int = 0  # audio received, all sessions
 
 
 class V3Server:
@@ -234,6 +235,7 @@ class _Connection:
                 if reason is not None:
                     await self._fail(3007, reason)
                 self.audio_bytes += len(data)
+                self.server.stats.audio_bytes += len(data)
                 audio_ms = params.ms_of(self.audio_bytes)
                 reason = guard.on_audio(audio_ms, time.monotonic())
                 if reason is not None:
