@@ -376,3 +376,26 @@ async def test_an_added_leg_is_refused_when_it_exists_or_is_one_too_many() -> No
     with pytest.raises(CallError, match="limit of 3"):
         await call.handle(ChannelAdded(ChannelSpec(3, "x")))
     await call.handle(CallEnded())
+
+
+async def test_channels_of_different_rates_end_at_the_same_call_time() -> None:
+    # A µ-law/8000 leg and an L16/16000 leg (SIPREC offers both), 1 s each: at the end neither
+    # is padded (aligning them by sample count padded the 8 kHz leg to twice the call).
+    from gateway.stt.scripted import ScriptedEngine, parse_script
+
+    call = Call(ScriptedEngine(parse_script([[["hi", 100, 300]]])), CallOptions())
+    await call.handle(
+        CallStarted(
+            "t",
+            (
+                ChannelSpec(0, "customer", None, Codec.PCMU, 8000),
+                ChannelSpec(1, "agent", None, Codec.L16, 16000),
+            ),
+        )
+    )
+    for i in range(50):
+        await call.handle(Audio(0, b"\xff" * 160, i * 160))
+        await call.handle(Audio(1, b"\0" * 640, i * 320))
+    await call.handle(CallEnded())
+    assert [c.duration_ms for c in call.channels.values()] == [1000, 1000]
+    assert [c.filled_ms for c in call.channels.values()] == [0, 0]

@@ -407,3 +407,18 @@ async def test_a_termination_we_did_not_ask_for_is_followed_by_a_new_session() -
         await runner.cleanup()
     assert len(sessions) == 2 and sessions[1] > 0
     assert not [e for e in events if isinstance(e, SttError) and e.fatal], events
+
+
+async def test_a_caller_waiting_on_finish_can_still_be_cancelled() -> None:
+    # wait_for(finish(), t) on a stalled service raises TimeoutError (finish used to swallow
+    # the cancellation and return as if the session had flushed).
+    stall = Fault("stall", after_ms=300, stall_s=5.0)
+    client = {"ping_interval_s": 30.0, "ping_timeout_s": 30.0, "terminate_timeout_s": 5.0}
+    async with harness(faults={0: [stall]}, client=client) as h:
+        session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
+        for start in range(0, RATE, 160):
+            await session.send(timecode_audio(start, 160))
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(session.finish(), 0.3)
+        await session.aclose()

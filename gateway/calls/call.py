@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -453,10 +454,14 @@ class Call:
         self.end_reason = reason
         self._set_state(CallState.ENDING, reason)
         try:
-            # All channels end at the same call time, so no channel is shorter than another.
-            end = max((c.clock.frontier for c in self.channels.values()), default=0)
+            # All channels end at the same call time, so no channel is shorter than another
+            # (in time: channels may differ in sample rate).
+            end = max(
+                (Fraction(c.clock.frontier, c.spec.sample_rate) for c in self.channels.values()),
+                default=Fraction(0),
+            )
             for channel in self.channels.values():
-                await channel.fill_to(end)
+                await channel.fill_to(math.ceil(end * channel.spec.sample_rate))
             for channel in self.channels.values():
                 await channel.session.finish()
             if self._readers:

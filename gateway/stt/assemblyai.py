@@ -210,8 +210,11 @@ class AssemblyAISession:
     async def finish(self) -> None:
         self._finishing = True
         self._more.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # our caller was cancelled (a timeout, shutdown): not the session
 
     async def events(self) -> AsyncIterator[SttEvent]:
         while (event := await self._output.get()) is not None:

@@ -231,8 +231,11 @@ class LocalSession:
             self._finishing = True
             if not self._task.done():
                 await self._input.put(None)
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # our caller was cancelled (a timeout, shutdown): not the session
 
     async def events(self) -> AsyncIterator[SttEvent]:
         while True:
