@@ -211,6 +211,11 @@ def _bad_steps(name: str, script: AudioHookScript) -> list[tuple[str, Any]]:
         return [open_, ("dance", {})]
     if name == "malformed_json":
         return [open_, ("text", "{nope")]
+    if name == "rate_exceeded":
+        # 10 hours "discarded" 100 ms into the session: the timeline moves faster than real
+        # time allows (it used to fill 10 hours of silence at once: ~1 GB, the loop blocked).
+        discard = {"start": "PT0.1S", "discarded": "PT36000S"}
+        return [open_, ("binary", b"\xff" * 1600), ("discarded", discard)]
     raise AssertionError(name)
 
 
@@ -221,6 +226,7 @@ BAD = {
     "unsupported_format": 1003,
     "unknown_type": 1008,
     "malformed_json": 1008,
+    "rate_exceeded": 1008,
 }
 
 

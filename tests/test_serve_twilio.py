@@ -231,6 +231,21 @@ def _bad(name: str) -> list[str]:
     raise AssertionError(name)
 
 
+async def test_timestamps_leaping_ahead_count_against_real_time(tmp_path: Path) -> None:
+    # Frames 599 s apart (each under calls.max_timestamp_jump_s): 60 of them would add 10 hours
+    # of silence to the call in well under a second. The timeline they claim counts against
+    # real time like audio does: rate_exceeded.
+    settings = settings_for(tmp_path, calls={"max_speed": 1.5, "burst_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        messages = [connected(), start("CAJUMP", tracks=("inbound",))]
+        messages += [media("inbound", i * 599_000, seq=i + 2) for i in range(60)]
+        closed = await send_messages(gw.ws(), [*messages, stop("CAJUMP")])
+        assert closed.code == 1008 and closed.reason.startswith("rate_exceeded: "), closed
+        await gw.idle()
+        doc = await gw.transcript("CAJUMP")
+        assert doc["duration_ms"] < 700_000  # at most the one jump that was allowed
+
+
 @pytest.mark.parametrize(
     ("name", "code"),
     [

@@ -36,6 +36,7 @@ from gateway.calls.call import Call, CallOutput
 from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import AudioHookSettings, Settings
+from gateway.ingress.audiohook import RATE as AUDIOHOOK_RATE
 from gateway.ingress.audiohook import AudioHookProtocolError, AudioHookSession, SessionState
 from gateway.ingress.audiohook_signature import (
     CORRELATION_HEADER,
@@ -342,6 +343,9 @@ class _Session:
         elif isinstance(event, Gap):
             placement = self.placement
             assert placement is not None
+            # A declared discard moves the timeline as audio does: it counts against real time
+            # (a client claiming hours discarded in seconds is refused, not filled).
+            self.rate.check(self.session.position * 1000 / AUDIOHOOK_RATE)
             channel = placement.channel_map.get(event.channel, event.channel)
             await self._call_handle(Gap(channel, event.duration_samples))
         else:
@@ -353,7 +357,7 @@ class _Session:
         self.counter.add(len(event.payload))
         media = self.session.media
         assert media is not None
-        self.rate.check(self.session.bytes / media.frame_bytes * 1000 / media.rate)
+        self.rate.check(self.session.position * 1000 / media.rate)  # audio and discards
         now = time.monotonic()
         if live.first_media_at is None:
             live.first_media_at = now

@@ -277,8 +277,19 @@ class TwilioDecoder:
         self._heap: list[_Pending] = []
         self._max_ts_ms = -1
         self._arrival = 0
+        self._first_ts_ms: int | None = None
+        self._end_ts_ms = 0  # the latest media timestamp plus its frame's length
 
     # -- counters ------------------------------------------------------------------------------
+
+    @property
+    def timeline_ms(self) -> float:
+        """How far the stream has moved its own clock since its first timestamp (ms): audio
+        plus timestamp jumps, which place silence. What a shell checks against real time, since
+        a few frames with far-apart timestamps would otherwise add hours of silence at once."""
+        if self._first_ts_ms is None:
+            return self.media_ms_received
+        return max(self.media_ms_received, self._end_ts_ms - self._first_ts_ms)
 
     @property
     def media_ms_received(self) -> float:
@@ -460,6 +471,12 @@ class TwilioDecoder:
         if not payload:
             return []
         timestamp = None if ts_ms is None else ts_ms * self.sample_rate // 1000
+        if ts_ms is not None:
+            if self._first_ts_ms is None:
+                self._first_ts_ms = ts_ms
+            end = ts_ms + len(payload) // width * 1000 // self.sample_rate
+            if end > self._end_ts_ms:
+                self._end_ts_ms = end
         audio = Audio(channel, payload, timestamp)
         if self._window_ms <= 0 or ts_ms is None:
             return [audio]

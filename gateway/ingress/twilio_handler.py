@@ -261,7 +261,7 @@ class _Stream:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
         self.counter.add(len(event.payload))
-        self.rate.check(self.decoder.media_ms_received)
+        self.rate.check(self.decoder.timeline_ms)
         now = time.monotonic()
         if live.first_media_at is None:
             live.first_media_at = now
