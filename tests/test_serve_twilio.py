@@ -549,3 +549,24 @@ async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path:
         assert (closed.code, closed.reason) == (1000, "stop")
         doc = gw.stored(gw.registry.get("CAREADY").call_id)  # type: ignore[union-attr]
         assert doc["end_reason"] == "stop"
+
+
+async def test_a_redirect_continues_its_call_even_at_the_call_limit(tmp_path: Path) -> None:
+    # One call allowed, and it is waiting for its redirected stream: that stream adds no call,
+    # so it is taken (it used to get 503 and the call was cut off after the grace period).
+    # A stream for another call is still refused.
+    settings = settings_for(tmp_path, server={"max_calls": 1}, twilio={"redirect_grace_s": 3.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        first = await send_messages(gw.ws(), call_messages("CACAP", 1.0))
+        assert (first.code, first.reason) == (1000, "stop")
+        assert gw.registry.active_count == 1  # lingering for the redirect
+        other = await send_messages(gw.ws(), call_messages("CAOTHER", 0.2))
+        assert other.code == 1013 and other.reason.startswith("at_capacity: "), other
+        redirected = call_messages("CACAP", 1.0, stream_sid="MZ00000000000000000000000000000002")
+        second = await send_messages(gw.ws(), redirected)
+        assert (second.code, second.reason) == (1000, "stop"), second
+        await gw.idle(within_s=10)
+        doc = await gw.transcript("CACAP")
+        assert doc["duration_ms"] >= 2000
+        metrics = await gw.metrics()
+        assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1

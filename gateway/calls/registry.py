@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from gateway.calls.call import Call, CallOptions, CallState, Listener
-from gateway.calls.live import LiveCall
+from gateway.calls.live import LiveCall, LiveState
 from gateway.calls.tasks import TaskSet
 from gateway.observability.logging import get_logger
 from gateway.stt.session import SttEngine
@@ -107,6 +107,20 @@ class CallRegistry:
         self._recent.pop(call_id, None)
 
     # -- admission -------------------------------------------------------------------------------
+
+    def check_stream(self, source: str) -> None:
+        """Raise AdmissionRefused if a stream of ``source`` arriving now cannot be taken: no new
+        call may start, and no call of that source waits for a continuation (a Twilio redirect,
+        an AudioHook or jambonz reconnect), which needs no admission. A stream let through
+        that turns out to start a new call is still refused when it does (:meth:`create`)."""
+        try:
+            self.check_admission()
+        except AdmissionRefused:
+            if not any(
+                live.source == source and live.state is LiveState.LINGERING
+                for live in self._active.values()
+            ):
+                raise
 
     def check_admission(self) -> None:
         """Raise AdmissionRefused if no new call may start now."""

@@ -113,7 +113,7 @@ class AudioHookHandler:
         if not ws.can_prepare(request).ok:
             return self._refuse(request, 400, "not_websocket", "expected a WebSocket upgrade")
         try:
-            self.registry.check_admission()
+            self.registry.check_stream(SOURCE)
         except AdmissionRefused as exc:
             return self._refuse(request, 503, exc.reason, str(exc))
         failure = self.authenticator.check(

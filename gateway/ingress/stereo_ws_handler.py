@@ -134,7 +134,7 @@ class StereoWsHandler:
         if not ws.can_prepare(request).ok:
             return self._refuse(request, 400, "not_websocket", "expected a WebSocket upgrade")
         try:
-            self.registry.check_admission()
+            self.registry.check_stream(SOURCE)
         except AdmissionRefused as exc:
             return self._refuse(request, 503, exc.reason, str(exc))
         refused = self._authenticate(request)

@@ -137,7 +137,7 @@ class MediaStreamHandler:
         if not ws.can_prepare(request).ok:
             return self._refuse(request, 400, "not_websocket", "expected a WebSocket upgrade")
         try:
-            self._registry.check_admission()
+            self._registry.check_stream(self.dialect)
         except AdmissionRefused as exc:
             return self._refuse(request, 503, exc.reason, str(exc))
         refused = self._authenticate(request)

@@ -28,6 +28,10 @@ CLOSE_CODES = {
     "unsupported_format": WSCloseCode.UNSUPPORTED_DATA,
     "unsupported_codec": WSCloseCode.UNSUPPORTED_DATA,
     "format_changed": WSCloseCode.UNSUPPORTED_DATA,
+    # No room for a new call now (a stream let through because another call waited for its
+    # continuation): 1013 Try Again Later, as a 503 would have said before the upgrade.
+    "at_capacity": WSCloseCode.TRY_AGAIN_LATER,
+    "draining": WSCloseCode.TRY_AGAIN_LATER,
 }
 
 
