@@ -224,3 +224,32 @@ async def test_stream_metadata_cannot_name_a_file_for_the_gateway_to_delete(
             async with session.delete(f"{gw.http}/v1/calls/CAREC") as resp:
                 assert resp.status == 204
     assert await asyncio.to_thread(victim.exists)
+
+
+async def _stream_seconds(url: str, call_sid: str, seconds: float) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(url, headers={"X-Callgate-Secret": STEREO_SECRET})
+        await ws.send_str(
+            json.dumps({"sampleRate": 8000, "mixType": "stereo", "callSid": call_sid})
+        )
+        for _ in range(int(seconds * 50)):
+            await ws.send_bytes(b"\x00\x00" * 2 * 160)
+        await asyncio.sleep(0.2)
+        await ws.close()
+
+
+async def test_a_reconnect_after_a_gap_keeps_the_call_clock(tmp_path: Path) -> None:
+    # 1 s, then the stream is gone for ~2 s, then it reconnects with 1 s more: this wire has no
+    # timestamps, so the time it was gone becomes silence (it used to be appended at once,
+    # pulling the rest of the call 2 s early).
+    settings = ingress_settings_for(tmp_path, stereo_ws={"reconnect_grace_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws(PATH)
+        await _stream_seconds(url, "CASTEREO", 1.0)
+        await asyncio.sleep(2.0)
+        await _stream_seconds(url, "CASTEREO", 1.0)
+        await gw.idle(within_s=15)
+        doc = await gw.transcript("CASTEREO")
+        assert doc["duration_ms"] >= 3000
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_stream_continuations_total", source="stereo_ws") == 1

@@ -56,6 +56,7 @@ from gateway.ingress.ws_shell import (
     close_text,
     continue_call,
     feed_call,
+    fill_reconnect_gap,
     start_call,
 )
 from gateway.observability.logging import get_logger
@@ -438,16 +439,8 @@ class _Session:
         return None
 
     async def _fill_reconnect_gap(self, live: LiveCall) -> None:
-        """Audio lost while reconnecting becomes silence (wall clock since the first media)."""
-        if live.first_media_at is None or self.placement is None:
-            return
-        elapsed_ms = int((time.monotonic() - live.first_media_at) * 1000)
-        missing_ms = elapsed_ms - live.call.frontier_ms
-        if missing_ms <= 0:
-            return
-        for channel in self.placement.channel_map.values():
-            spec = live.call.channels[channel].spec
-            await self._call_handle(Gap(channel, missing_ms * spec.sample_rate // 1000))
+        if self.placement is not None:
+            await fill_reconnect_gap(live, self.placement, self.link)
 
     # -- transcripts back to the client ------------------------------------------------------
 

@@ -37,6 +37,7 @@ from gateway.ingress.ws_shell import (
     close_text,
     continue_call,
     feed_call,
+    fill_reconnect_gap,
     start_call,
 )
 from gateway.observability.logging import get_logger
@@ -261,6 +262,9 @@ class _Stream:
         if live is not None:
             self.placement = continue_call(live, started, self.link, h.metrics, SOURCE)
             self.live = live
+            # No timestamps on this wire: the time the stream was gone is silence, or the new
+            # audio would be placed right after the old.
+            await fill_reconnect_gap(live, self.placement, self.link)
             return
         self.live, self.placement = await start_call(
             h.registry,

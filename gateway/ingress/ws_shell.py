@@ -17,7 +17,7 @@ from gateway.calls.call import Call, CallError, CallOptions
 from gateway.calls.live import ContinuationError, LiveCall, StreamLink, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import Settings
-from gateway.ingress.events import Audio, CallStarted, IngressEvent
+from gateway.ingress.events import Audio, CallStarted, Gap, IngressEvent
 from gateway.media.clock import TimestampJump
 from gateway.observability.metrics import Metrics
 from gateway.stt.engines import EngineSet
@@ -82,6 +82,22 @@ async def feed_call(call: Call, event: IngressEvent, link: _ClosedByCall) -> Non
     except CallError as exc:
         if link.closed_by_call is None:
             raise StreamError("call_error", str(exc)) from None
+
+
+async def fill_reconnect_gap(
+    live: LiveCall, placement: StreamPlacement, link: _ClosedByCall
+) -> None:
+    """Audio lost while a stream reconnected becomes silence on the channels it continues
+    (wall clock since the call's first media), for sources without media timestamps."""
+    if live.first_media_at is None:
+        return
+    elapsed_ms = int((time.monotonic() - live.first_media_at) * 1000)
+    missing_ms = elapsed_ms - live.call.frontier_ms
+    if missing_ms <= 0:
+        return
+    for channel in placement.channel_map.values():
+        spec = live.call.channels[channel].spec
+        await feed_call(live.call, Gap(channel, missing_ms * spec.sample_rate // 1000), link)
 
 
 def continue_call(
