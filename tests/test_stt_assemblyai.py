@@ -23,8 +23,9 @@ from gateway.media.codec import Codec
 from gateway.stt.assemblyai import AssemblyAIEngine, AssemblyAISession
 from gateway.stt.scripted import ScriptedEngine, parse_script, timecode_audio
 from gateway.stt.session import SessionParams, SttError
-from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app
-from gateway.transcript.model import Transcript
+from gateway.stt.v3_protocol import encode_server_message
+from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app, turn_messages
+from gateway.transcript.model import Transcript, TurnUpdate
 
 RATE = 8000
 DURATION_MS = 3200
@@ -422,3 +423,58 @@ async def test_a_caller_waiting_on_finish_can_still_be_cancelled() -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(session.finish(), 0.3)
         await session.aclose()
+
+
+async def test_an_empty_end_of_turn_closes_that_turns_partial() -> None:
+    # A partial "uh", then the engine drops the blip: an end of turn with no words (what
+    # v3_server sends for the local engine's dropped turn). The partial is closed with an empty
+    # final (it stayed open: a ghost partial in the merger until the call ended).
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_json({"type": "Begin", "id": "s1", "expires_at": 4102444800})
+        chunks = 0
+        async for msg in ws:
+            if msg.type is WSMsgType.BINARY:
+                chunks += 1
+                update = None
+                if chunks == 3:
+                    update = TurnUpdate(0, 0, 0, (), "uh", 100, 200, False, 0.5)
+                elif chunks == 6:
+                    update = TurnUpdate(0, 0, 0, (), "", 100, 200, True, 0.0)
+                if update is not None:
+                    for message in turn_messages(update, True, False):
+                        await ws.send_str(encode_server_message(message))
+            elif msg.type is WSMsgType.TEXT and "Terminate" in msg.data:
+                await ws.send_json(
+                    {
+                        "type": "Termination",
+                        "audio_duration_seconds": 1,
+                        "session_duration_seconds": 1,
+                    }
+                )
+                await ws.close()
+                break
+        return ws
+
+    app = web.Application()
+    app.add_routes([web.get("/v3/ws", handle)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+        session = AssemblyAIEngine(client_settings(url)).open_session(
+            SessionParams(0, Codec.L16, RATE)
+        )
+        reader = asyncio.create_task(_session_events(session))
+        for _ in range(50):
+            await session.send(b"\0\0" * 160)
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    finally:
+        await runner.cleanup()
+    updates = [(e.turn_order, e.final, e.text) for e in events if isinstance(e, TurnUpdate)]
+    assert updates == [(0, False, "uh"), (0, True, "")]

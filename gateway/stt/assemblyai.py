@@ -388,6 +388,11 @@ class AssemblyAISession:
     def _on_final(self, turn: Turn, offset_ms: int) -> None:
         update = self._update(turn, offset_ms, final=True)
         if update is None:
+            # An empty end of turn (the engine dropped what it had heard): the turn's partial
+            # must not stay open, so it is closed with an empty final.
+            p = self._open_partial
+            if p is not None and p.epoch == self._epoch and p.turn_order == turn.turn_order:
+                self._close_open_partial()
             return
         if update.end_ms <= self._last_final_end_ms:
             return  # replayed audio re-finalized a turn we already delivered
