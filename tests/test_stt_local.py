@@ -126,3 +126,40 @@ def test_word_inside_speech_owns_the_uncovered_speech_before_it() -> None:
     regions = ((16000, 20800), (24000, 40000))
     placed = _place_words([(25600, 30000)], regions, 24000)
     assert placed == [(16000, 30000)]
+
+
+async def test_a_failed_session_never_leaves_a_sender_waiting() -> None:
+    # The recognizer fails while send() waits on the full input queue: that send returns (it
+    # waited forever before, and with it the call's ingress), and the failure is reported.
+    from gateway.config import LocalEngineSettings
+    from gateway.stt.local import LocalSession
+    from gateway.stt.session import EngineStats
+
+    class FailingEngine:
+        def __init__(self) -> None:
+            self.settings = LocalEngineSettings(input_queue_chunks=2)
+            self.stats = EngineStats()
+            self.sessions: set[object] = set()
+            self.gate = asyncio.Event()
+
+        def vad_stream(self) -> None:
+            return None
+
+        async def in_vad_pool(self, fn: object) -> object:
+            await self.gate.wait()
+            raise RuntimeError("VAD worker crashed")
+
+    engine = FailingEngine()
+    session = LocalSession(engine, SessionParams(0, Codec.PCMU, 8000))  # type: ignore[arg-type]
+    await session.send(b"\xff" * 160)
+    await asyncio.sleep(0)  # taken by the session, which is now stuck in the pool
+    await session.send(b"\xff" * 160)
+    await session.send(b"\xff" * 160)  # the queue is full
+    blocked = asyncio.create_task(session.send(b"\xff" * 160))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    engine.gate.set()
+    async with asyncio.timeout(5):
+        await blocked
+        events = [e async for e in session.events()]
+    assert [e for e in events if isinstance(e, SttError) and e.fatal], events

@@ -293,6 +293,10 @@ class LocalSession:
             self._engine.stats.failures["engine_error"] += 1
             self._output.put_nowait(SttError(self.params.channel, f"local engine: {exc}", True))
         finally:
+            # Nothing reads the input any more: empty it, so a send() waiting on the full queue
+            # returns (it would otherwise wait forever, holding up the call's whole ingress).
+            while not self._input.empty():
+                self._input.get_nowait()
             if self._partial_task is not None:
                 self._partial_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
