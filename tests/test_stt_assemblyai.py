@@ -478,3 +478,15 @@ async def test_an_empty_end_of_turn_closes_that_turns_partial() -> None:
         await runner.cleanup()
     updates = [(e.turn_order, e.final, e.text) for e in events if isinstance(e, TurnUpdate)]
     assert updates == [(0, False, "uh"), (0, True, "")]
+
+
+async def test_a_sporadic_incorrect_padding_at_connect_is_retried() -> None:
+    # AssemblyAI sometimes closes a good connection 1008 "Incorrect padding" before Begin
+    # (node-sdk #97); a retry works, so the channel goes on and loses nothing.
+    padding = Fault(
+        "close", before_begin=True, code=1008, reason="Unauthorized connection: Incorrect padding"
+    )
+    async with harness(faults={0: [padding]}) as h:
+        call, _ = await play(h)
+    check_exact(call.transcript())
+    assert h.servers[0].stats.sessions == 2

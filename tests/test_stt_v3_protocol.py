@@ -458,7 +458,7 @@ def test_direct_construction_is_validated_too() -> None:
         (1011, "Internal error", CloseAction.RECONNECT),
         (3005, "Session Cancelled: An error occurred", CloseAction.RECONNECT),
         (1008, "Unauthorized Connection: Missing Authorization header", CloseAction.FAIL),
-        (1008, "Unauthorized connection: Incorrect padding", CloseAction.FAIL),
+        (1008, "Unauthorized connection: Incorrect padding", CloseAction.BACKOFF),
         (1008, "Unauthorized Connection: Insufficient balance", CloseAction.FAIL),
         (1008, "Unauthorized Connection: Too many concurrent sessions", CloseAction.BACKOFF),
         (3009, "Unauthorized Connection: Too many concurrent sessions", CloseAction.BACKOFF),

@@ -803,6 +803,9 @@ _BY_CODE: dict[int, CloseAction] = {
 _BY_REASON: tuple[tuple[str, CloseAction], ...] = (
     ("concurrent", CloseAction.BACKOFF),
     ("too many", CloseAction.BACKOFF),
+    # Seen sporadically on connect with a valid key, gone on retry (node-sdk #97): back off and
+    # retry; the retry limit still ends a real auth failure.
+    ("incorrect padding", CloseAction.BACKOFF),
     ("session expired", CloseAction.ROLLOVER),
     ("input duration", CloseAction.BUG),
     ("transmission rate", CloseAction.BUG),
@@ -816,9 +819,10 @@ def classify_close(code: int | None, reason: str) -> CloseAction:
 
     ``code`` None means the connection was lost without a close frame (RECONNECT). 1008 and 3005
     are refined by ``reason`` for the pre-2026-02 codes: 1008 mentioning concurrent sessions /
-    "too many" is BACKOFF (else FAIL: auth or account); 3005 with a 3006/3007/3008/3009 reason
-    gets that code's action (else RECONNECT). Unknown codes, including unknown 4xxx, RECONNECT:
-    the client's retry limit bounds a loop, and failing a call on a code we cannot read is worse.
+    "too many" / "incorrect padding" is BACKOFF (else FAIL: auth or account); 3005 with a
+    3006/3007/3008/3009 reason gets that code's action (else RECONNECT). Unknown codes,
+    including unknown 4xxx, RECONNECT: the client's retry limit bounds a loop, and failing a
+    call on a code we cannot read is worse.
     """
     if code is None:
         return CloseAction.RECONNECT
