@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -490,3 +491,41 @@ async def test_a_sporadic_incorrect_padding_at_connect_is_retried() -> None:
         call, _ = await play(h)
     check_exact(call.transcript())
     assert h.servers[0].stats.sessions == 2
+
+
+async def test_the_v3_server_answers_pings_while_the_last_recognition_runs() -> None:
+    # The engine takes 3 s to finish (a long last turn, a busy pool); the client pings every
+    # 0.5 s with a 1 s timeout. The server keeps answering, so the session ends once, cleanly
+    # (it stopped reading, the client dropped the connection and replayed, again and again).
+    class SlowFinish(ScriptedEngine):
+        def open_session(self, params: SessionParams) -> Any:
+            session = super().open_session(params)
+            finish = session.finish
+
+            async def slow() -> None:
+                await asyncio.sleep(3.0)
+                await finish()
+
+            session.finish = slow  # type: ignore[method-assign]
+            return session
+
+    engine = SlowFinish(parse_script(SCRIPTS[0]), timecode=True)
+    server = V3Server(engine, V3ServerOptions(api_keys=frozenset({"test-key"})))
+    runner = web.AppRunner(make_app(server))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+        client = client_settings(url, ping_interval_s=0.5, ping_timeout_s=1.0)
+        session = AssemblyAIEngine(client).open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        for start in range(0, 2 * RATE, 160):
+            await session.send(timecode_audio(start, 160))
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(session.finish(), 30)
+        await reader
+    finally:
+        await runner.cleanup()
+    assert server.stats.sessions == 1 and server.stats.closes == {1000: 1}
+    assert session.reconnects == 0

@@ -270,9 +270,33 @@ class _Connection:
     async def _terminate(self) -> None:
         session = self.session
         assert session is not None and self._forwarder is not None and self.params is not None
-        await session.finish()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._forwarder  # every turn reaches the client before Termination
+        # The last recognition may take a while (a long final turn, a busy pool). Keep reading
+        # meanwhile: aiohttp answers pings only inside receive(), and a client whose pings go
+        # unanswered drops the connection and starts over.
+        finishing = asyncio.ensure_future(self._finish_turns())
+        try:
+            while not finishing.done():
+                receiving = asyncio.ensure_future(self.ws.receive())
+                await asyncio.wait({finishing, receiving}, return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await receiving
+                    break
+                if receiving.result().type in (
+                    WSMsgType.CLOSE,
+                    WSMsgType.CLOSING,
+                    WSMsgType.CLOSED,
+                    WSMsgType.ERROR,
+                ):
+                    raise _Closed  # the client went away: nobody waits for the Termination
+                # Anything else after Terminate is ignored.
+            await finishing
+        finally:
+            if not finishing.done():
+                finishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await finishing
         elapsed = time.monotonic() - self.started
         termination = Termination(
             audio_duration_seconds=round(self.params.ms_of(self.audio_bytes) / 1000),
@@ -281,6 +305,13 @@ class _Connection:
         await self._send(encode_server_message(termination))
         await self.ws.close(code=1000)
         raise _Closed
+
+    async def _finish_turns(self) -> None:
+        session = self.session
+        assert session is not None and self._forwarder is not None
+        await session.finish()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._forwarder  # every turn reaches the client before Termination
 
     # -- server -> client -----------------------------------------------------------------------
 
