@@ -570,3 +570,25 @@ async def test_a_redirect_continues_its_call_even_at_the_call_limit(tmp_path: Pa
         assert doc["duration_ms"] >= 2000
         metrics = await gw.metrics()
         assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
+
+
+async def test_a_peer_that_stops_answering_is_dropped_and_its_call_ends(tmp_path: Path) -> None:
+    # The platform's side vanished without closing TCP (a crashed host, a dead NAT): it no
+    # longer answers WebSocket pings, so after ws_heartbeat_s and a half the stream is closed
+    # and the call ends (it stayed open until calls.max_call_s).
+    settings = settings_for(
+        tmp_path, server={"ws_heartbeat_s": 0.5}, twilio={"redirect_grace_s": 0}
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws()
+        headers = {"X-Twilio-Signature": compute_signature(TOKEN, url)}
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url, headers=headers, autoping=False)
+            for message in call_messages("CAGONE", 0.5)[:-1]:  # no stop: it just goes quiet
+                await ws.send_str(message)
+            await poll_until(lambda: gw.registry.get("CAGONE") is not None)
+            # Never reading again: no pong goes back.
+            await gw.idle(within_s=10)
+            call = gw.registry.get("CAGONE")
+            assert call is not None and call.state.value == "ended"
+            await ws.close()

@@ -109,6 +109,7 @@ class AudioHookHandler:
         ws = web.WebSocketResponse(
             max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
             autoping=True,
+            heartbeat=self.settings.server.ws_heartbeat_s or None,
             compress=False,
         )
         if not ws.can_prepare(request).ok:

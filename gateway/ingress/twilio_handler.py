@@ -132,6 +132,7 @@ class MediaStreamHandler:
             # only bounds memory for absurd frames.
             max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
             autoping=True,
+            heartbeat=self._settings.server.ws_heartbeat_s or None,
             compress=False,
         )
         if not ws.can_prepare(request).ok:
