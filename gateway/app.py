@@ -299,10 +299,7 @@ async def purge_old_calls(app: web.Application, store: SqliteStore, days: float)
     files (as ``DELETE /v1/calls/{id}`` does). Returns how many."""
     removed = await store.purge(time.time() - days * 86400)
     for summary in removed:
-        app[REGISTRY].forget(summary["id"])
-        app[api.HUB].forget(summary["id"])
-        for hook in app.get(api.ON_DELETE, ()):
-            await hook(summary)
+        await api.forget_call(app, summary)
     if removed:
         log.info("store.purged", calls=len(removed), retention_days=days)
     return len(removed)

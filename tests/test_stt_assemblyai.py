@@ -9,7 +9,7 @@ channel, at its call time within 20 ms.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -264,12 +264,7 @@ async def test_a_law_is_sent_as_16_bit_pcm_of_the_same_duration() -> None:
     """v3 has no A-law encoding: the client must transcode, or the server would hear half."""
     script = parse_script([[["early", 200, 500]], [["late", 2500, 2800]]])
     server = V3Server(ScriptedEngine(script), V3ServerOptions())
-    runner = web.AppRunner(make_app(server))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+    async with serving(make_app(server)) as url:
         engine = AssemblyAIEngine(client_settings(url))
         call = Call(engine, CallOptions(join_same_speaker=False))
         await call.handle(
@@ -278,13 +273,55 @@ async def test_a_law_is_sent_as_16_bit_pcm_of_the_same_duration() -> None:
         for start in range(0, 3400 * RATE // 1000, 160):
             await call.handle(Audio(0, b"\xd5" * 160, start))
         await asyncio.wait_for(call.handle(CallEnded()), 30)
-    finally:
-        await runner.cleanup()
     assert [u.text for u in call.transcript().utterances] == ["early", "late"]
 
 
 async def _session_events(session: AssemblyAISession) -> list[object]:
     return [event async for event in session.events()]
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a loopback port; yields the v3 URL a client connects to."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+    finally:
+        await runner.cleanup()
+
+
+def v3_app(handle: Callable[[web.Request], Awaitable[web.WebSocketResponse]]) -> web.Application:
+    """A hand-written v3 peer: ``handle`` serves /v3/ws."""
+    app = web.Application()
+    app.add_routes([web.get("/v3/ws", handle)])
+    return app
+
+
+async def answer_terminate(ws: web.WebSocketResponse) -> None:
+    """What the service does on Terminate: Termination, then a clean close."""
+    termination = {
+        "type": "Termination",
+        "audio_duration_seconds": 1,
+        "session_duration_seconds": 1,
+    }
+    await ws.send_json(termination)
+    await ws.close()
+
+
+async def stream(
+    session: AssemblyAISession, samples: int, *, pause_s: float = 0.02, silence: bool = False
+) -> list[object]:
+    """Send ``samples`` of audio in 20 ms frames (``pause_s`` apart), finish, return the
+    session's events."""
+    reader = asyncio.create_task(_session_events(session))
+    for start in range(0, samples, 160):
+        await session.send(b"\0\0" * 160 if silence else timecode_audio(start, 160))
+        await asyncio.sleep(pause_s)
+    await asyncio.wait_for(session.finish(), 30)
+    return await reader
 
 
 async def test_a_session_that_dies_after_every_begin_gives_up() -> None:
@@ -294,12 +331,7 @@ async def test_a_session_that_dies_after_every_begin_gives_up() -> None:
     faults = {0: [Fault("close", after_ms=300, code=3005)] * 50}
     async with harness(faults=faults, client={"max_retries": 3}) as h:
         session = h.engines[0].open_session(SessionParams(0, Codec.L16, RATE))
-        reader = asyncio.create_task(_session_events(session))
-        for start in range(0, 2 * RATE, 160):
-            await session.send(timecode_audio(start, 160))
-            await asyncio.sleep(0.005)
-        await asyncio.wait_for(session.finish(), 30)
-        events = await reader
+        events = await stream(session, 2 * RATE, pause_s=0.005)
     fatal = [e for e in events if isinstance(e, SttError) and e.fatal]
     assert fatal and "gave up after 3 retries" in fatal[0].reason, events
     assert h.servers[0].stats.sessions == 4
@@ -377,36 +409,15 @@ async def test_a_termination_we_did_not_ask_for_is_followed_by_a_new_session() -
                     await ws.close(code=3008, message=b"Session Expired")
                     break
             elif msg.type is WSMsgType.TEXT and "Terminate" in msg.data:
-                await ws.send_json(
-                    {
-                        "type": "Termination",
-                        "audio_duration_seconds": 1,
-                        "session_duration_seconds": 1,
-                    }
-                )
-                await ws.close()
+                await answer_terminate(ws)
                 break
         return ws
 
-    app = web.Application()
-    app.add_routes([web.get("/v3/ws", handle)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+    async with serving(v3_app(handle)) as url:
         session = AssemblyAIEngine(client_settings(url)).open_session(
             SessionParams(0, Codec.L16, RATE)
         )
-        reader = asyncio.create_task(_session_events(session))
-        for start in range(0, 2 * RATE, 160):
-            await session.send(timecode_audio(start, 160))
-            await asyncio.sleep(0.02)
-        await asyncio.wait_for(session.finish(), 30)
-        events = await reader
-    finally:
-        await runner.cleanup()
+        events = await stream(session, 2 * RATE)
     assert len(sessions) == 2 and sessions[1] > 0
     assert not [e for e in events if isinstance(e, SttError) and e.fatal], events
 
@@ -447,36 +458,15 @@ async def test_an_empty_end_of_turn_closes_that_turns_partial() -> None:
                     for message in turn_messages(update, True, False):
                         await ws.send_str(encode_server_message(message))
             elif msg.type is WSMsgType.TEXT and "Terminate" in msg.data:
-                await ws.send_json(
-                    {
-                        "type": "Termination",
-                        "audio_duration_seconds": 1,
-                        "session_duration_seconds": 1,
-                    }
-                )
-                await ws.close()
+                await answer_terminate(ws)
                 break
         return ws
 
-    app = web.Application()
-    app.add_routes([web.get("/v3/ws", handle)])
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+    async with serving(v3_app(handle)) as url:
         session = AssemblyAIEngine(client_settings(url)).open_session(
             SessionParams(0, Codec.L16, RATE)
         )
-        reader = asyncio.create_task(_session_events(session))
-        for _ in range(50):
-            await session.send(b"\0\0" * 160)
-            await asyncio.sleep(0.02)
-        await asyncio.wait_for(session.finish(), 30)
-        events = await reader
-    finally:
-        await runner.cleanup()
+        events = await stream(session, 50 * 160, silence=True)
     updates = [(e.turn_order, e.final, e.text) for e in events if isinstance(e, TurnUpdate)]
     assert updates == [(0, False, "uh"), (0, True, "")]
 
@@ -511,21 +501,9 @@ async def test_the_v3_server_answers_pings_while_the_last_recognition_runs() -> 
 
     engine = SlowFinish(parse_script(SCRIPTS[0]), timecode=True)
     server = V3Server(engine, V3ServerOptions(api_keys=frozenset({"test-key"})))
-    runner = web.AppRunner(make_app(server))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v3/ws"
+    async with serving(make_app(server)) as url:
         client = client_settings(url, ping_interval_s=0.5, ping_timeout_s=1.0)
         session = AssemblyAIEngine(client).open_session(SessionParams(0, Codec.L16, RATE))
-        reader = asyncio.create_task(_session_events(session))
-        for start in range(0, 2 * RATE, 160):
-            await session.send(timecode_audio(start, 160))
-            await asyncio.sleep(0.02)
-        await asyncio.wait_for(session.finish(), 30)
-        await reader
-    finally:
-        await runner.cleanup()
+        await stream(session, 2 * RATE)
     assert server.stats.sessions == 1 and server.stats.closes == {1000: 1}
     assert session.reconnects == 0

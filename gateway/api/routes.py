@@ -233,13 +233,19 @@ async def delete_call(request: web.Request) -> web.Response:
         )
     store = _store(request)
     deleted = await store.delete_call(summary["id"]) if store is not None else False
-    request.app[REGISTRY].forget(summary["id"])
-    request.app[HUB].forget(summary["id"])
-    for hook in request.app.get(ON_DELETE, ()):
-        await hook(summary)  # files outside the store: transcript export, recording
+    await forget_call(request.app, summary)
     if not deleted and call is None:
         raise web.HTTPNotFound(text="no such call\n")
     return web.Response(status=204)
+
+
+async def forget_call(app: web.Application, summary: dict[str, Any]) -> None:
+    """Drop a call deleted from the store everywhere else: memory (registry, live logs) and
+    the files outside the store (``ON_DELETE`` hooks: transcript export, recording)."""
+    app[REGISTRY].forget(summary["id"])
+    app[HUB].forget(summary["id"])
+    for hook in app.get(ON_DELETE, ()):
+        await hook(summary)
 
 
 async def get_transcript(request: web.Request) -> web.Response:
@@ -248,40 +254,44 @@ async def get_transcript(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in FORMATS:
         raise web.HTTPBadRequest(text=f"unknown format {fmt!r}; use {', '.join(FORMATS)}\n")
+    snapshot: dict[str, Any] | Transcript
     if call is not None and call.state in (CallState.ENDED, CallState.FAILED):
         # Nothing changes a finished call: build and encode in a worker (seconds for hours).
-        text, content_type = await asyncio.to_thread(_render_call, call, fmt)
-        return web.Response(text=text, content_type=content_type)
-    if call is not None:
-        transcript = call.transcript()  # a live call: a snapshot, on the loop
-        doc = call_document(call)
+        text = await asyncio.to_thread(_render_call, call, fmt)
+    elif call is not None:
+        # A live call: a snapshot on the loop, encoded in a worker.
+        snapshot = call_document(call) if fmt == "json" else call.transcript()
+        text = await asyncio.to_thread(_encode, snapshot, fmt)
     else:
         store = _store(request)
         stored = await store.transcript(summary["id"]) if store is not None else None
         if stored is None:
             raise web.HTTPNotFound(text="no transcript for this call\n")
-        transcript = stored
-        doc = to_json(stored)
-        doc.update(
-            source=summary["source"],
-            source_ids=summary["source_ids"],
-            state=summary["state"],
-            end_reason=summary["end_reason"],
-            started_at=summary["started_at"],
-            ended_at=summary["ended_at"],
-        )
-    if fmt == "json":
-        text = await asyncio.to_thread(_dumps, doc)
-        return web.Response(text=text, content_type="application/json")
-    text = await asyncio.to_thread(render, transcript, fmt)
+        snapshot = stored
+        if fmt == "json":
+            snapshot = to_json(stored)
+            snapshot.update(
+                source=summary["source"],
+                source_ids=summary["source_ids"],
+                state=summary["state"],
+                end_reason=summary["end_reason"],
+                started_at=summary["started_at"],
+                ended_at=summary["ended_at"],
+            )
+        text = await asyncio.to_thread(_encode, snapshot, fmt)
     return web.Response(text=text, content_type=_CONTENT_TYPES.get(fmt, "text/plain"))
 
 
-def _render_call(call: Call, fmt: str) -> tuple[str, str]:
-    """A finished call's transcript in ``fmt``, and its content type (worker thread)."""
-    if fmt == "json":
-        return _dumps(call_document(call)), "application/json"
-    return render(call.transcript(), fmt), _CONTENT_TYPES.get(fmt, "text/plain")
+def _encode(snapshot: dict[str, Any] | Transcript, fmt: str) -> str:
+    """The JSON document, or the transcript rendered as ``fmt`` (worker thread)."""
+    if isinstance(snapshot, Transcript):
+        return render(snapshot, fmt)
+    return _dumps(snapshot)
+
+
+def _render_call(call: Call, fmt: str) -> str:
+    """A finished call's transcript in ``fmt`` (worker thread)."""
+    return _encode(call_document(call) if fmt == "json" else call.transcript(), fmt)
 
 
 # -- live feeds -----------------------------------------------------------------------------------

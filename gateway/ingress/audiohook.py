@@ -242,6 +242,12 @@ class AudioHookSession:
 
     # -- outgoing ----------------------------------------------------------------------------
 
+    @property
+    def timeline_ms(self) -> float:
+        """How far the session's timeline has moved (audio received plus discarded spans), in
+        ms: what a shell checks against real time."""
+        return self.position * 1000 / RATE
+
     def data_to_send(self) -> list[str]:
         """Messages queued by :meth:`receive_text` (``pong``), in order; the queue is emptied."""
         out, self._outbox = self._outbox, []

@@ -36,7 +36,6 @@ from gateway.calls.call import Call, CallOutput
 from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import AudioHookSettings, Settings
-from gateway.ingress.audiohook import RATE as AUDIOHOOK_RATE
 from gateway.ingress.audiohook import AudioHookProtocolError, AudioHookSession, SessionState
 from gateway.ingress.audiohook_signature import (
     CORRELATION_HEADER,
@@ -347,7 +346,7 @@ class _Session:
             assert placement is not None
             # A declared discard moves the timeline as audio does: it counts against real time
             # (a client claiming hours discarded in seconds is refused, not filled).
-            self.rate.check(self.session.position * 1000 / AUDIOHOOK_RATE)
+            self.rate.check(self.session.timeline_ms)
             channel = placement.channel_map.get(event.channel, event.channel)
             await self._call_handle(Gap(channel, event.duration_samples))
         else:
@@ -357,9 +356,7 @@ class _Session:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
         self.counter.add(len(event.payload))
-        media = self.session.media
-        assert media is not None
-        self.rate.check(self.session.position * 1000 / media.rate)  # audio and discards
+        self.rate.check(self.session.timeline_ms)  # audio and discards
         now = time.monotonic()
         if live.first_media_at is None:
             live.first_media_at = now
@@ -399,7 +396,7 @@ class _Session:
             self.placement = continue_call(live, started, self.link, h.metrics, SOURCE)
             self.live = live
             live.call.metadata[SESSIONS_KEY] += f",{session.id}"
-            await self._fill_reconnect_gap(live)
+            await fill_reconnect_gap(live, self.placement, self.link)
         else:
             live, self.placement = await start_call(
                 h.registry,
@@ -438,10 +435,6 @@ class _Session:
             )
             return None
         return None
-
-    async def _fill_reconnect_gap(self, live: LiveCall) -> None:
-        if self.placement is not None:
-            await fill_reconnect_gap(live, self.placement, self.link)
 
     # -- transcripts back to the client ------------------------------------------------------
 
