@@ -416,8 +416,15 @@ def stt_script(seconds: float) -> list[list[list[object]]]:
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without its ``GATEWAY_*`` settings, plus ``extra``.
+
+    A setting to try in every bench child (A/B runs) is given as ``BENCH_GATEWAY_<NAME>``, which
+    becomes ``GATEWAY_<NAME>`` (after ``extra``, so it wins)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
     env.update(extra)
+    for key, value in os.environ.items():
+        if key.upper().startswith("BENCH_GATEWAY_"):
+            env[key[len("BENCH_") :]] = value
     return env
 
 

@@ -48,6 +48,7 @@ from gateway.calls.live import LiveCall
 from gateway.calls.registry import CallRegistry
 from gateway.config import MediaStreamSettings, Settings
 from gateway.ingress.audiohook_handler import AudioHookHandler
+from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.stereo_ws_handler import StereoWsHandler
 from gateway.ingress.twilio import Dialect
 from gateway.ingress.twilio_handler import MediaStreamHandler
@@ -77,6 +78,7 @@ METRICS = web.AppKey("metrics", Metrics)
 FINISHED_MEDIA = web.AppKey("finished_media", MediaTotals)
 ENGINES = web.AppKey("engines", EngineSet)
 REGISTRY = web.AppKey("registry", CallRegistry)
+KEEPALIVE = web.AppKey("ws_keepalive", StreamKeepalive)
 TRANSCRIPTS = web.AppKey("transcripts", TranscriptFiles)
 
 
@@ -93,6 +95,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
         max_calls=settings.server.max_calls, recent=settings.server.recent_calls
     )
     app[api.REGISTRY] = app[REGISTRY]
+    app[KEEPALIVE] = StreamKeepalive(settings.server.ws_heartbeat_s, app[METRICS])
     app[api.AUTH] = ApiAuth(settings.api)
     app[api.KEEPALIVE_S] = settings.live.keepalive_s
     app[api.HUB] = LiveHub(
@@ -111,6 +114,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
     app.cleanup_ctx.append(_engines_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(_keepalive_ctx)
     if settings.siprec.enabled:
         # After the registry: on cleanup the SIP listeners and RTP sockets close first.
         from gateway.ingress.siprec.service import SIPREC, SiprecService
@@ -141,6 +145,7 @@ def make_app(settings: Settings, *, engines: EngineSet | None = None) -> web.App
             registry=app[REGISTRY],
             engines=app[ENGINES],
             metrics=app[METRICS],
+            keepalive=app[KEEPALIVE],
         )
         app.router.add_get(conf.path, handler.handle, name=f"{dialect}_stream")
     _add_more_ingress(app, settings, paths)
@@ -171,7 +176,12 @@ def _add_more_ingress(app: web.Application, settings: Settings, paths: set[str])
             raise ValueError(f"stereo_ws.path {stereo.path!r} is used by another endpoint")
         paths.add(stereo.path)
         handler = StereoWsHandler(
-            stereo, settings=settings, registry=registry, engines=engines, metrics=metrics
+            stereo,
+            settings=settings,
+            registry=registry,
+            engines=engines,
+            metrics=metrics,
+            keepalive=app[KEEPALIVE],
         )
         app.router.add_get(stereo.path, handler.handle, name="stereo_ws_stream")
 
@@ -192,6 +202,15 @@ async def _loop_lag_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _keepalive_ctx(app: web.Application) -> AsyncIterator[None]:
+    keepalive = app[KEEPALIVE]
+    keepalive.start()
+    try:
+        yield
+    finally:
+        await keepalive.close()
 
 
 async def _engines_ctx(app: web.Application) -> AsyncIterator[None]:

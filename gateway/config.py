@@ -175,9 +175,9 @@ class ServerSettings(_Section):
     # uvloop (libuv) roughly halves the event loop's own cost per WebSocket message; "asyncio"
     # is the stdlib loop, for debugging or platforms without uvloop.
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
-    # Ping every media WebSocket this often (s; 0: never) and close one whose peer does not
+    # Ping a media WebSocket quiet for this long (s; 0: never) and drop it if its peer does not
     # answer within half of it: a peer that vanished without closing TCP would otherwise keep
-    # its call open until calls.max_call_s.
+    # its call open until calls.max_call_s (ingress/keepalive.py).
     ws_heartbeat_s: float = Field(30.0, ge=0, le=3600)
 
     @field_validator("public_url")

@@ -18,6 +18,7 @@ from tests.gateway_server import (
     hello_engine,
     ingress_settings_for,
     metric,
+    poll_until,
     running_gateway,
     silent_call,
 )
@@ -253,3 +254,26 @@ async def test_a_reconnect_after_a_gap_keeps_the_call_clock(tmp_path: Path) -> N
         assert doc["duration_ms"] >= 3000
         metrics = await gw.metrics()
         assert metric(metrics, "callgate_stream_continuations_total", source="stereo_ws") == 1
+
+
+async def test_a_peer_that_stops_answering_pings_is_dropped(tmp_path: Path) -> None:
+    # The media server vanished without closing TCP: after a quiet interval it is pinged, no
+    # pong comes, the connection is dropped and the call ends with what it had.
+    settings = ingress_settings_for(tmp_path, server={"ws_heartbeat_s": 0.4})
+    async with running_gateway(settings, hello_engine()) as gw:
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(
+                gw.ws(PATH), headers={"X-Callgate-Secret": STEREO_SECRET}, autoping=False
+            )
+            await ws.send_str(json.dumps({"sampleRate": 8000, "callSid": "CAGONE"}))
+            for _ in range(50):
+                await ws.send_bytes(b"\x00\x00" * 2 * 160)
+            await poll_until(lambda: gw.registry.get("CAGONE") is not None)
+            # Never reading again: no pong goes back.
+            await gw.idle(within_s=10)
+            await ws.close()
+        doc = await gw.transcript("CAGONE")
+        assert doc["duration_ms"] == 1000
+        metrics = await gw.metrics()
+        reasons = {"source": "stereo_ws", "reason": "ping_timeout"}
+        assert metric(metrics, "callgate_stream_errors_total", **reasons) == 1

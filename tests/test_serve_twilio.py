@@ -592,3 +592,53 @@ async def test_a_peer_that_stops_answering_is_dropped_and_its_call_ends(tmp_path
             call = gw.registry.get("CAGONE")
             assert call is not None and call.state.value == "ended"
             await ws.close()
+        metrics = await gw.metrics()
+        reasons = {"source": "twilio", "reason": "ping_timeout"}
+        assert _metric(metrics, "callgate_stream_errors_total", **reasons) == 1
+
+
+async def test_a_quiet_peer_that_answers_pings_keeps_its_stream(tmp_path: Path) -> None:
+    # Media stops for several heartbeat intervals (a stalled media server, a long hold) but
+    # the peer answers our pings: the stream stays, and its own pings are answered too.
+    settings = settings_for(
+        tmp_path, server={"ws_heartbeat_s": 0.4}, twilio={"redirect_grace_s": 0}
+    )
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws()
+        headers = {"X-Twilio-Signature": compute_signature(TOKEN, url)}
+        messages = call_messages("CAQUIET", 1.0)
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(url, headers=headers, autoping=False)
+            for message in messages[:52]:
+                await ws.send_str(message)
+            await ws.ping(b"are-you-there")
+            pings, pongs = 0, []
+            loop = asyncio.get_running_loop()
+            quiet_until = loop.time() + 2.0  # five intervals without media
+            while (left := quiet_until - loop.time()) > 0:
+                try:
+                    msg = await ws.receive(timeout=left)
+                except TimeoutError:
+                    break
+                if msg.type is aiohttp.WSMsgType.PING:
+                    pings += 1
+                    await ws.pong(msg.data)
+                elif msg.type is aiohttp.WSMsgType.PONG:
+                    pongs.append(msg.data)
+                else:
+                    raise AssertionError(f"unexpected {msg.type}: {msg.data!r}")
+            assert pongs == [b"are-you-there"]
+            assert pings >= 2  # pinged about once an interval while quiet
+            for message in messages[52:]:
+                await ws.send_str(message)
+            closing = await ws.receive(timeout=10)
+            assert (closing.type, closing.data, closing.extra) == (
+                aiohttp.WSMsgType.CLOSE,
+                1000,
+                "stop",
+            )
+        await gw.idle(within_s=10)
+        doc = await gw.transcript("CAQUIET")
+        assert doc["duration_ms"] == 1000  # all of it (media timestamps: no gap for the quiet)
+        metrics = await gw.metrics()
+        assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0

@@ -27,6 +27,7 @@ from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import Settings, StereoWsSettings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
+from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.stereo_ws import SOURCE, StereoStreamDecoder, StereoWsProtocolError
 from gateway.ingress.ws_shell import (
     MediaCounter,
@@ -62,12 +63,14 @@ class StereoWsHandler:
         registry: CallRegistry,
         engines: EngineSet,
         metrics: Metrics,
+        keepalive: StreamKeepalive,
     ) -> None:
         self.conf = conf
         self.settings = settings
         self.registry = registry
         self.engines = engines
         self.metrics = metrics
+        self.keepalive = keepalive
         self._password = conf.password.get_secret_value()
         self._secret = conf.shared_secret.get_secret_value()
         self.log = log.bind(source=SOURCE)
@@ -128,8 +131,7 @@ class StereoWsHandler:
         """The route handler: refuse (HTTP status) or run the stream until it closes."""
         ws = web.WebSocketResponse(
             max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
-            autoping=True,
-            heartbeat=self.settings.server.ws_heartbeat_s or None,
+            autoping=False,  # pings answered in the loop, pongs counted for the keepalive
             compress=False,
             protocols=self._subprotocol(request),
         )
@@ -155,7 +157,12 @@ class StereoWsHandler:
             query={k: v for k, v in request.query.items() if k != "token"},
             max_message_bytes=self.conf.max_message_bytes,
         )
-        await _Stream(self, ws, decoder).run()
+        stream = _Stream(self, ws, request, decoder)
+        self.keepalive.watch(stream.link, SOURCE)
+        try:
+            await stream.run()
+        finally:
+            self.keepalive.unwatch(stream.link)
         return ws
 
 
@@ -163,12 +170,16 @@ class _Stream:
     """One accepted WebSocket: decode, feed the call, close on bad input."""
 
     def __init__(
-        self, handler: StereoWsHandler, ws: web.WebSocketResponse, decoder: StereoStreamDecoder
+        self,
+        handler: StereoWsHandler,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        decoder: StereoStreamDecoder,
     ) -> None:
         self.h = handler
         self.ws = ws
         self.decoder = decoder
-        self.link = SocketLink(ws)
+        self.link = SocketLink(ws, request.transport)
         self.live: LiveCall | None = None
         self.placement: StreamPlacement | None = None
         self.counter = MediaCounter(handler.metrics, SOURCE)
@@ -177,8 +188,10 @@ class _Stream:
 
     async def run(self) -> None:
         detach_reason = "hangup"
+        link = self.link
         try:
             async for msg in self.ws:
+                link.received += 1
                 try:
                     if msg.type is WSMsgType.TEXT:
                         events = self.decoder.receive_text(msg.data)
@@ -193,6 +206,9 @@ class _Stream:
                                 else:
                                     await self._event(event)
                             continue
+                    elif msg.type is WSMsgType.PING:
+                        await self.ws.pong(msg.data)
+                        continue
                     elif msg.type is WSMsgType.ERROR:
                         raise StreamError("transport_error", repr(self.ws.exception()))
                     else:
@@ -206,6 +222,7 @@ class _Stream:
             else:
                 self.decoder.close()  # CallEnded: the call ends when the stream detaches
         finally:
+            detach_reason = link.dropped or detach_reason
             self.counter.flush()
             if self.live is not None:
                 self.live.detach(self.link, detach_reason)

@@ -26,6 +26,7 @@ from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import MediaStreamSettings, Settings
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
+from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.twilio import Dialect, TwilioDecoder, TwilioProtocolError
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
 from gateway.ingress.ws_shell import (
@@ -61,6 +62,7 @@ class MediaStreamHandler:
         registry: CallRegistry,
         engines: EngineSet,
         metrics: Metrics,
+        keepalive: StreamKeepalive,
     ) -> None:
         self.dialect = dialect
         self.conf = conf
@@ -68,6 +70,7 @@ class MediaStreamHandler:
         self._registry = registry
         self._engines = engines
         self._metrics = metrics
+        self._keepalive = keepalive
         token = conf.auth_token.get_secret_value()
         self._validator = (
             TwilioSignatureValidator(
@@ -131,8 +134,7 @@ class MediaStreamHandler:
             # The decoder enforces the configured limit with a clear reason; aiohttp's own cap
             # only bounds memory for absurd frames.
             max_msg_size=max(4 * self.conf.max_message_bytes, 1 << 20),
-            autoping=True,
-            heartbeat=self._settings.server.ws_heartbeat_s or None,
+            autoping=False,  # pings answered in the loop, pongs counted for the keepalive
             compress=False,
         )
         if not ws.can_prepare(request).ok:
@@ -146,9 +148,14 @@ class MediaStreamHandler:
             return self._refuse(request, 403, *refused)
         await ws.prepare(request)
         self._metrics.streams.labels(self.dialect).inc()
-        await _Stream(
-            self, ws, query_secret_ok=self._secret != "" and "token" in request.query
-        ).run()
+        stream = _Stream(
+            self, ws, request, query_secret_ok=self._secret != "" and "token" in request.query
+        )
+        self._keepalive.watch(stream.link, self.dialect)
+        try:
+            await stream.run()
+        finally:
+            self._keepalive.unwatch(stream.link)
         return ws
 
     # -- after the upgrade -----------------------------------------------------------------------
@@ -169,11 +176,16 @@ class _Stream:
     """One accepted WebSocket: decode, authorize at start, feed the call, close on bad input."""
 
     def __init__(
-        self, handler: MediaStreamHandler, ws: web.WebSocketResponse, *, query_secret_ok: bool
+        self,
+        handler: MediaStreamHandler,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        *,
+        query_secret_ok: bool,
     ) -> None:
         self.h = handler
         self.ws = ws
-        self.link = SocketLink(ws)
+        self.link = SocketLink(ws, request.transport)
         self.decoder = handler.decoder()
         self.live: LiveCall | None = None
         self.placement: StreamPlacement | None = None
@@ -186,8 +198,10 @@ class _Stream:
 
     async def run(self) -> None:
         detach_reason = "disconnected"
+        link = self.link
         try:
             async for msg in self.ws:
+                link.received += 1
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     try:
                         done = await self._message(msg.data)
@@ -203,11 +217,14 @@ class _Stream:
                         detach_reason = "stop"
                         await self.ws.close(code=WSCloseCode.OK, message=b"stop")
                         break
+                elif msg.type is WSMsgType.PING:
+                    await self.ws.pong(msg.data)
                 elif msg.type is WSMsgType.ERROR:
                     await self._fail("transport_error", repr(self.ws.exception()))
                     detach_reason = "stream_error"
                     break
         finally:
+            detach_reason = link.dropped or detach_reason
             await self._flush_reorder()
             self.counter.flush()
             if self.live is not None:

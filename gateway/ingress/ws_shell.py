@@ -8,6 +8,8 @@ close code plus ``reason: detail`` text, ``stream_errors{source, reason}`` and o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -54,11 +56,25 @@ def close_text(reason: str, detail: str) -> bytes:
 
 
 class SocketLink:
-    """The StreamLink a LiveCall uses to close a stream's WebSocket (max duration, drain)."""
+    """The StreamLink a LiveCall uses to close a stream's WebSocket (max duration, drain), and
+    the stream a :class:`~gateway.ingress.keepalive.StreamKeepalive` watches."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
         self.ws = ws
         self.closed_by_call: str | None = None
+        self.received = 0  # messages, pings and pongs included: the handler's loop counts them
+        self.dropped: str | None = None  # the keepalive gave up on the peer
+        self._transport = transport
+
+    async def ping(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.ping()
+
+    def drop(self, reason: str) -> None:
+        """Abort the connection (no close handshake: the peer is gone)."""
+        self.dropped = reason
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.abort()
 
     async def close(self, code: int, reason: str) -> None:
         self.closed_by_call = reason
