@@ -277,3 +277,36 @@ async def test_a_peer_that_stops_answering_pings_is_dropped(tmp_path: Path) -> N
         metrics = await gw.metrics()
         reasons = {"source": "stereo_ws", "reason": "ping_timeout"}
         assert metric(metrics, "callgate_stream_errors_total", **reasons) == 1
+
+
+async def test_a_reconnect_while_the_old_connection_lingers_replaces_it(tmp_path: Path) -> None:
+    # The media server reconnects after a blip before the gateway knows the old connection is
+    # dead: the new stream takes over the call, the old one is closed ("replaced") and what it
+    # might still deliver is dropped, so the legs are never fed twice.
+    settings = ingress_settings_for(tmp_path, stereo_ws={"reconnect_grace_s": 5.0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws(PATH)
+        async with aiohttp.ClientSession() as session:
+            old = await session.ws_connect(
+                url, headers={"X-Callgate-Secret": STEREO_SECRET}, autoping=False
+            )
+            await old.send_str(json.dumps({"sampleRate": 8000, "callSid": "CAHALF"}))
+            for _ in range(50):
+                await old.send_bytes(b"\x00\x00" * 2 * 160)
+            await poll_until(lambda: gw.registry.find("stereo_ws", "CAHALF") is not None)
+            new = asyncio.create_task(_stream_seconds(url, "CAHALF", 1.0))
+            closing = await old.receive(timeout=10)
+            assert (closing.type, closing.data, closing.extra) == (
+                aiohttp.WSMsgType.CLOSE,
+                1000,
+                "replaced",
+            )
+            await old.close()
+            await new
+        await gw.idle(within_s=15)
+        doc = await gw.transcript("CAHALF")
+        assert doc["state"] == "ended"
+        assert 2000 <= doc["duration_ms"] < 3000  # 1 s, then the new connection's 1 s
+        metrics = await gw.metrics()
+        assert metric(metrics, "callgate_stream_continuations_total", source="stereo_ws") == 1
+        assert metric(metrics, "callgate_stream_errors_total", source="stereo_ws") == 0

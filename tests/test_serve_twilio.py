@@ -642,3 +642,37 @@ async def test_a_quiet_peer_that_answers_pings_keeps_its_stream(tmp_path: Path) 
         assert doc["duration_ms"] == 1000  # all of it (media timestamps: no gap for the quiet)
         metrics = await gw.metrics()
         assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
+
+
+async def test_a_continuation_while_the_old_stream_is_attached_replaces_it(tmp_path: Path) -> None:
+    # A redirect's new stream (or a reconnect) starts before the old stream stops: the newest
+    # stream wins. The old one is closed with reason "replaced" and its detach does not end
+    # the call; the two never feed the same channels at once.
+    settings = settings_for(tmp_path, twilio={"redirect_grace_s": 0})
+    async with running_gateway(settings, hello_engine()) as gw:
+        url = gw.ws()
+        headers = {"X-Twilio-Signature": compute_signature(TOKEN, url)}
+        first = call_messages("CAREPL", 0.5)[:-1]  # no stop: still attached
+        async with aiohttp.ClientSession() as session:
+            old = await session.ws_connect(url, headers=headers, autoping=False)
+            for message in first:
+                await old.send_str(message)
+            await poll_until(lambda: gw.registry.find("twilio", "CAREPL") is not None)
+            second = call_messages("CAREPL", 1.0, stream_sid="MZ00000000000000000000000000000002")
+            new = asyncio.create_task(send_messages(url, second))
+            closing = await old.receive(timeout=10)
+            assert (closing.type, closing.data, closing.extra) == (
+                aiohttp.WSMsgType.CLOSE,
+                1000,
+                "replaced",
+            )
+            await old.close()
+            closed = await new
+            assert (closed.code, closed.reason) == (1000, "stop"), closed
+        await gw.idle(within_s=10)
+        doc = await gw.transcript("CAREPL")
+        assert doc["state"] == "ended"
+        assert 1500 <= doc["duration_ms"] < 2500  # 0.5 s, then the second stream's 1 s
+        metrics = await gw.metrics()
+        assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
+        assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0

@@ -7,6 +7,12 @@ call; a stream that continues it is placed on the call clock after the audio alr
 (or at the wall-clock time elapsed since the call's first media, whichever is later, so audio
 lost during the reconnect becomes silence instead of pulling the two streams together).
 
+A continuation may arrive while the stream it replaces still looks attached (a reconnect after
+a network blip, before the old TCP connection is known dead; a redirect whose new stream starts
+before the old one stops). The newest stream wins: an attached stream feeding any of the same
+channels is replaced -- its placement marked ``replaced`` (its handler drops what it still
+sends) and its socket closed with reason ``replaced`` -- so two streams never feed one channel.
+
 Lifecycle::
 
     LIVE --last stream gone--> LINGERING --grace over--> ENDING --> FINISHED
@@ -64,6 +70,8 @@ class StreamPlacement:
     channel_map: dict[int, int]
     continuation: bool
     base: int | None = None
+    # A newer stream took over this one's channels: drop whatever it still sends.
+    replaced: bool = False
 
     def place(self, event: Audio, base_for: Callable[[], int]) -> Audio:
         channel = self.channel_map[event.channel]
@@ -106,7 +114,8 @@ class LiveCall:
         self._grace_s = grace_s
         self._spawn = spawn
         self._on_finished = on_finished
-        self._streams: set[StreamLink] = set()
+        self._streams: dict[StreamLink, StreamPlacement] = {}
+        self._replaced: set[StreamLink] = set()  # replaced, their handlers not yet detached
         self._tracks: tuple[str, ...] = ()
         self._rate = 8000
         self._codec: Codec | None = None
@@ -133,8 +142,9 @@ class LiveCall:
         if started.channels:
             self._rate = started.channels[0].sample_rate
             self._codec = started.channels[0].codec
-        self._attach(stream)
-        return StreamPlacement({c.index: c.index for c in started.channels}, continuation=False)
+        placement = StreamPlacement({c.index: c.index for c in started.channels}, False)
+        self._attach(stream, placement)
+        return placement
 
     def continue_with(self, started: CallStarted, stream: StreamLink) -> StreamPlacement:
         """Attach a stream that continues this call. Raises ContinuationError if it cannot."""
@@ -156,8 +166,10 @@ class LiveCall:
                     f"{', '.join(self._tracks) or 'none'}",
                 )
             mapping[spec.index] = self._tracks.index(track)
-        self._attach(stream)
-        return StreamPlacement(mapping, continuation=True)
+        placement = StreamPlacement(mapping, continuation=True)
+        self._replace_overlapping(set(mapping.values()))
+        self._attach(stream, placement)
+        return placement
 
     def continuation_base(self, now: float) -> int:
         """Timestamp base (samples) for a continuing stream's first frame arriving at ``now``."""
@@ -176,8 +188,22 @@ class LiveCall:
         origin = self.call.source_timestamp(0, self._rate)
         return max(0, (placement.base - origin) * 1000 // self._rate)
 
-    def _attach(self, stream: StreamLink) -> None:
-        self._streams.add(stream)
+    def _replace_overlapping(self, channels: set[int]) -> None:
+        for old, placement in list(self._streams.items()):
+            if channels.isdisjoint(placement.channel_map.values()):
+                continue  # e.g. a Twilio stream per track: both feed the call
+            placement.replaced = True
+            del self._streams[old]
+            self._replaced.add(old)
+            log.info("stream.replaced", call_id=self.call_id, source=self.source)
+            self._spawn(self._close_replaced(old), f"live-{self.call_id}-replaced")
+
+    async def _close_replaced(self, stream: StreamLink) -> None:
+        with contextlib.suppress(Exception):
+            await stream.close(1000, "replaced")
+
+    def _attach(self, stream: StreamLink, placement: StreamPlacement) -> None:
+        self._streams[stream] = placement
         self.streams_seen += 1
         if self._linger is not None:
             self._linger.cancel()
@@ -186,7 +212,10 @@ class LiveCall:
 
     def detach(self, stream: StreamLink, reason: str) -> None:
         """The stream is gone; with no stream left, end the call after the grace period."""
-        self._streams.discard(stream)
+        if stream in self._replaced:
+            self._replaced.discard(stream)
+            return  # a newer stream took over: it keeps the call
+        self._streams.pop(stream, None)
         if self._streams or not self.accepting:
             return
         if self._grace_s <= 0:

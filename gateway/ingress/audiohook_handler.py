@@ -355,6 +355,8 @@ class _Session:
     async def _audio(self, event: Audio) -> None:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
+        if placement.replaced:
+            return  # a newer stream of this call took over its channels
         self.counter.add(len(event.payload))
         self.rate.check(self.session.timeline_ms)  # audio and discards
         now = time.monotonic()
@@ -367,7 +369,7 @@ class _Session:
         await self._call_handle(event)
 
     async def _call_handle(self, event: IngressEvent) -> None:
-        if self.live is not None:
+        if self.live is not None and not (self.placement and self.placement.replaced):
             await feed_call(self.live.call, event, self.link)
 
     async def _start(self, started: CallStarted) -> None:

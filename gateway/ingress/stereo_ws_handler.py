@@ -256,6 +256,8 @@ class _Stream:
         """One channel's part of a frame (the caller checked the rate for the frame)."""
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
+        if placement.replaced:
+            return  # a newer stream of this call took over its channels
         if live.first_media_at is None:
             live.first_media_at = time.monotonic()
         if placement.continuation or placement.channel_map.get(event.channel) != event.channel:
@@ -264,7 +266,7 @@ class _Stream:
         await feed_call(live.call, event, self.link)
 
     async def _call_handle(self, event: IngressEvent) -> None:
-        if self.live is not None:
+        if self.live is not None and not (self.placement and self.placement.replaced):
             await feed_call(self.live.call, event, self.link)
 
     async def _start(self, started: CallStarted) -> None:

@@ -278,6 +278,8 @@ class _Stream:
     async def _audio(self, event: Audio) -> None:
         live, placement = self.live, self.placement
         assert live is not None and placement is not None
+        if placement.replaced:
+            return  # a newer stream of this call took over its channels
         self.counter.add(len(event.payload))
         self.rate.check(self.decoder.timeline_ms)
         now = time.monotonic()
@@ -289,7 +291,8 @@ class _Stream:
 
     async def _call_handle(self, event: IngressEvent) -> None:
         assert self.live is not None
-        await feed_call(self.live.call, event, self.link)
+        if not (self.placement and self.placement.replaced):
+            await feed_call(self.live.call, event, self.link)
 
     async def _start(self, started: CallStarted) -> None:
         h = self.h
