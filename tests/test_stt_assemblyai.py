@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from gateway.stt.session import SessionParams, SttError
 from gateway.stt.v3_protocol import encode_server_message
 from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app, turn_messages
 from gateway.transcript.model import Transcript, TurnUpdate
+from tests.gateway_server import poll_until
 
 RATE = 8000
 DURATION_MS = 3200
@@ -507,3 +508,32 @@ async def test_the_v3_server_answers_pings_while_the_last_recognition_runs() -> 
         await stream(session, 2 * RATE)
     assert server.stats.sessions == 1 and server.stats.closes == {1000: 1}
     assert session.reconnects == 0
+
+
+async def test_a_long_stretch_without_turns_is_not_kept_or_replayed_whole() -> None:
+    # 30 s with no turn at all (a muted leg, a hold), then the connection drops. The audio kept
+    # for a replay used to grow with the whole silence (16 KB/s at 8 kHz), and the reconnect
+    # replayed all of it at real time, leaving the channel that far behind the call. Now only
+    # the last seconds before what was sent are kept (a turn may have begun there unreported).
+    fault = Fault("drop", after_ms=30_000)
+    options = V3ServerOptions(api_keys=frozenset({"test-key"}), realtime_allowance_s=1000.0)
+    server = V3Server(
+        ScriptedEngine(parse_script([]), timecode=True), replace(options, faults=(fault,))
+    )
+    async with serving(make_app(server)) as url:
+        engine = AssemblyAIEngine(client_settings(url, max_catchup_ms=60_000))
+        session = engine.open_session(SessionParams(0, Codec.L16, RATE))
+        reader = asyncio.create_task(_session_events(session))
+        for _ in range(0, 35 * RATE, 1600):
+            await session.send(b"\0\0" * 1600)
+            await asyncio.sleep(0.001)
+        await poll_until(lambda: session.queued_ms == 0)
+        # Kept once all was sent: the last 5 s, trimmed a second at a time.
+        kept_s = len(session._kept) / (2 * RATE)
+        await asyncio.wait_for(session.finish(), 30)
+        events = await reader
+    assert not [e for e in events if isinstance(e, SttError) and e.fatal], events
+    assert server.stats.sessions == 2 and session.reconnects == 1
+    assert 5 <= kept_s < 6, kept_s
+    # 35 s of audio arrived once, and at most ~7 s of it twice (the replay after the drop).
+    assert server.stats.audio_bytes <= 2 * RATE * 42, server.stats.audio_bytes

@@ -63,6 +63,9 @@ log = get_logger("gateway.stt.assemblyai")
 # A connection that lasted this long counts as working even without a final (a silent leg):
 # the retry count starts over after it.
 _STABLE_S = 30.0
+# Audio sent this recently may hold the start of a turn the service has not reported yet: kept
+# for a replay even with no turn open (s).
+_UNREPORTED_S = 5.0
 
 
 class _Outcome(Enum):
@@ -408,6 +411,23 @@ class AssemblyAISession:
             del self._kept[: drop * self._width]
             self._kept_start += drop
 
+    def _forget_heard(self, open_turn_start_ms: int | None, sent: int) -> None:
+        """Stop keeping audio the service has heard with no turn in it: a replay needs only the
+        last ``_UNREPORTED_S`` before ``sent`` (a turn may have begun there, not reported yet)
+        and everything from the start of an open turn. Finals trim the rest (``_on_final``).
+
+        Without this, a long stretch with no turn (a muted leg, a hold) grew the replay buffer by
+        16 KB a second at 8 kHz, and a reconnect replayed all of it at real time, leaving the
+        channel that far behind the call."""
+        rate = self.params.sample_rate
+        keep_from = sent - int(_UNREPORTED_S * rate)
+        if open_turn_start_ms is not None:
+            keep_from = min(keep_from, (open_turn_start_ms - self.params.offset_ms) * rate // 1000)
+        drop = keep_from - self._kept_start
+        if drop >= rate:  # a second at a time
+            del self._kept[: drop * self._width]
+            self._kept_start += drop
+
     def _on_partial(self, turn: Turn, offset_ms: int) -> None:
         update = self._update(turn, offset_ms, final=False)
         if update is not None and update.end_ms > self._last_final_end_ms:
@@ -558,6 +578,7 @@ class _Conn:
                     s._on_socket = max(s._on_socket, self.sent)
                     s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
                     s._measure(first, self.sent)
+                    s._forget_heard(self.open_turn_start, self.sent)
                 if queued >= s._received:
                     if s._finishing and self.chunker.pending_bytes:
                         continue  # finish() came while sending: the partial tail goes too
