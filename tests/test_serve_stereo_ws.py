@@ -130,6 +130,8 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path) -> None:
             "unsupported_format": (['{"sampleRate": 11025}'], 1003),
             "message_too_large": (["{}", "x" * 70_000], 1009),
             "bad_message": (["{}", '{"event": "dtmf", "dtmf": "??"}'], 1008),
+            # Each metadata frame is a published, stored event: a flood is refused.
+            "rate_exceeded": (["{}", *[json.dumps({"n": i}) for i in range(80)]], 1008),
         }
         for name, (messages, code) in cases.items():
             closed = await _raw(gw.ws(PATH), list(messages))

@@ -676,3 +676,26 @@ async def test_a_continuation_while_the_old_stream_is_attached_replaces_it(tmp_p
         metrics = await gw.metrics()
         assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
         assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
+
+
+async def test_a_dtmf_flood_is_refused(tmp_path: Path) -> None:
+    # Each digit is a published, stored event: beyond 10 a second (burst 50) the stream closes.
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        digits = [
+            json.dumps(
+                {
+                    "event": "dtmf",
+                    "streamSid": "MZ00000000000000000000000000000001",
+                    "sequenceNumber": str(i + 3),
+                    "dtmf": {"track": "inbound_track", "digit": "5"},
+                }
+            )
+            for i in range(80)
+        ]
+        messages = [connected(), start("CADTMF"), media("inbound", 0), *digits]
+        closed = await send_messages(gw.ws(), messages)
+        assert closed.code == 1008 and closed.reason.startswith("rate_exceeded: control"), closed
+        await gw.idle()
+        metrics = await gw.metrics()
+        reasons = {"source": "twilio", "reason": "rate_exceeded"}
+        assert _metric(metrics, "callgate_stream_errors_total", **reasons) == 1

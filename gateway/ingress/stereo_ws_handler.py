@@ -30,6 +30,7 @@ from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressE
 from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.stereo_ws import SOURCE, StereoStreamDecoder, StereoWsProtocolError
 from gateway.ingress.ws_shell import (
+    ControlRate,
     MediaCounter,
     RateGuard,
     SocketLink,
@@ -184,6 +185,7 @@ class _Stream:
         self.placement: StreamPlacement | None = None
         self.counter = MediaCounter(handler.metrics, SOURCE)
         self.rate = RateGuard(handler.settings)
+        self.control = ControlRate()
         self.log = handler.log
 
     async def run(self) -> None:
@@ -194,6 +196,7 @@ class _Stream:
                 link.received += 1
                 try:
                     if msg.type is WSMsgType.TEXT:
+                        self.control.take()
                         events = self.decoder.receive_text(msg.data)
                     elif msg.type is WSMsgType.BINARY:
                         self.counter.add(len(msg.data))

@@ -30,6 +30,7 @@ from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.twilio import Dialect, TwilioDecoder, TwilioProtocolError
 from gateway.ingress.twilio_signature import SignedRequest, TwilioSignatureValidator
 from gateway.ingress.ws_shell import (
+    ControlRate,
     MediaCounter,
     RateGuard,
     SocketLink,
@@ -192,6 +193,7 @@ class _Stream:
         self.query_secret_ok = query_secret_ok
         self.log = handler._log
         self.rate = RateGuard(handler._settings)
+        self.control = ControlRate()
         # Counted here, added to the Prometheus counters in batches: two locked counter
         # increments per frame were a measurable share of the per-frame cost.
         self.counter = MediaCounter(handler._metrics, handler.dialect)
@@ -271,6 +273,7 @@ class _Stream:
         if isinstance(event, CallEnded):
             return True
         if isinstance(event, Dtmf) and self.live is not None and self.placement is not None:
+            self.control.take()
             channel = self.placement.channel_map.get(event.channel, event.channel)
             await self._call_handle(Dtmf(channel, event.digit))
         return False

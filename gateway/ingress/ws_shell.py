@@ -219,6 +219,31 @@ class RateGuard:
             )
 
 
+class ControlRate:
+    """Refuses control messages (metadata, DTMF) beyond ``per_s`` a second with a burst of
+    ``burst``: each becomes an event that is published and stored, so a flood is a load on
+    every subscriber and the store, not just on this stream."""
+
+    def __init__(self, per_s: float = 10.0, burst: int = 50) -> None:
+        self.per_s = per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def take(self) -> None:
+        """Count one message; raise StreamError(rate_exceeded) past the allowance."""
+        now = time.monotonic()
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        if self._tokens < 1:
+            raise StreamError(
+                "rate_exceeded",
+                f"control messages beyond {self.per_s:g} a second (burst {self.burst})",
+            )
+        self._tokens -= 1
+
+
 class MediaCounter:
     """Frames and bytes, added to the labelled Prometheus counters in batches."""
 
