@@ -433,6 +433,10 @@ class SiprecSettings(_Section):
     caller_labels: tuple[str, ...] = ("1", "a_leg", "inbound", "10")
     # Largest SIP message body accepted (bytes); larger ones are answered 413.
     max_message_bytes: int = Field(65536, ge=4096, le=16 * 1024 * 1024)
+    # SIP over TCP/TLS: connections open at once (one more is closed at once), and how long one
+    # may send nothing, not even a keep-alive, before it is closed (s; 0 = never).
+    max_connections: int = Field(1024, ge=1, le=65536)
+    tcp_idle_timeout_s: float = Field(900.0, ge=0, le=86400)
     # RTP jitter buffer: reorder window and the longest a packet waits for a missing one (ms).
     jitter_window_ms: int = Field(60, ge=0, le=1000)
     jitter_max_delay_ms: int = Field(200, ge=20, le=5000)

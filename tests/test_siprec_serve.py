@@ -701,6 +701,34 @@ async def test_a_tcp_keepalive_ping_gets_a_pong(tmp_path: Path) -> None:
             await writer.wait_closed()
 
 
+async def test_tcp_connections_are_capped_and_idle_ones_closed(tmp_path: Path) -> None:
+    # Every TCP connection holds a task and buffers: beyond max_connections a new one is closed
+    # at once, and one that sends nothing (not even a keep-alive) for tcp_idle_timeout_s is
+    # closed, while one that keeps pinging stays open.
+    settings = siprec_settings(tmp_path, max_connections=2, tcp_idle_timeout_s=0.6)
+    async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+        port = svc.sip_ports["tcp"]
+        pinging = await asyncio.open_connection("127.0.0.1", port)
+        quiet = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        extra_reader, extra_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(extra_reader.read(), 5) == b""  # closed at once
+        extra_writer.close()
+        for _ in range(5):  # a keep-alive every 0.3 s: alive for 1.5 s
+            pinging[1].write(b"\r\n\r\n")
+            assert await asyncio.wait_for(pinging[0].readexactly(2), 5) == b"\r\n"
+            await asyncio.sleep(0.3)
+        assert await asyncio.wait_for(quiet[0].read(), 5) == b""  # idle: closed
+        for _, writer in (pinging, quiet):
+            writer.close()
+        metrics = await gw.metrics()
+        for reason in ("too_many_connections", "idle_timeout"):
+            value = metric(
+                metrics, "callgate_streams_rejected_total", source="siprec", reason=reason
+            )
+            assert value == 1, reason
+
+
 async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_gone(
     tmp_path: Path,
 ) -> None:

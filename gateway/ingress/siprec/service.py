@@ -457,8 +457,13 @@ class SiprecService:
             else None
         )
         self._ports = RtpPorts(conf.host, conf.rtp_port_min, conf.rtp_port_max, loop=self._loop)
+        rejected = self.metrics.streams_rejected
         transports = self._transports = SipTransports(
-            self._on_message, max_body_bytes=conf.max_message_bytes
+            self._on_message,
+            max_body_bytes=conf.max_message_bytes,
+            max_connections=conf.max_connections,
+            idle_timeout_s=conf.tcp_idle_timeout_s,
+            on_closed=lambda reason: rejected.labels(SOURCE, reason).inc(),
         )
         try:
             if "udp" in conf.transports:

@@ -11,7 +11,11 @@ writes the bytes the core produced back out. Contract:
   handler has answered it and the connection is closed (the framing is lost). Connections are
   kept by peer address so answers go back on the connection the request came in on; a send to a
   connection that is gone is dropped (returns False). A peer that does not read (more than
-  ``MAX_WRITE_BUFFER`` queued) is disconnected.
+  ``MAX_WRITE_BUFFER`` queued) is disconnected. At most ``max_connections`` are open at once
+  (a connection beyond that is closed at once); one that sends nothing, not even a keep-alive,
+  for ``idle_timeout_s`` is closed (an SBC reopens one when it next has something to send).
+  Each refusal or idle close calls ``on_closed(reason)``: ``too_many_connections``,
+  ``idle_timeout``.
 - :meth:`SipTransports.close` closes the listeners, cancels and awaits every connection task and
   closes every connection. The handler never runs after it returns.
 """
@@ -68,10 +72,22 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 class SipTransports:
     """The SRS's SIP listeners and connections (see the module docstring)."""
 
-    def __init__(self, handler: MessageHandler, *, max_body_bytes: int = 64 * 1024) -> None:
-        """``handler`` gets every parsed message or parse error (synchronously, on the loop)."""
+    def __init__(
+        self,
+        handler: MessageHandler,
+        *,
+        max_body_bytes: int = 64 * 1024,
+        max_connections: int = 1024,
+        idle_timeout_s: float = 0.0,
+        on_closed: Callable[[str], None] | None = None,
+    ) -> None:
+        """``handler`` gets every parsed message or parse error (synchronously, on the loop).
+        ``idle_timeout_s`` 0: connections may stay idle forever."""
         self.handler = handler
         self.max_body_bytes = max_body_bytes
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._on_closed = on_closed
         self.ports: dict[str, int] = {}
         self.closed = False
         self._udp: asyncio.DatagramTransport | None = None
@@ -166,15 +182,29 @@ class SipTransports:
         if self.closed:
             writer.close()
             return
-        self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         source: Address = (str(peer[0]), int(peer[1]))
+        if len(self._writers) >= self.max_connections:
+            log.warning("siprec.too_many_connections", transport=name, limit=self.max_connections)
+            self._closed_because("too_many_connections")
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        self._tasks.add(task)
         key = (name, source)
         self._writers[key] = writer
         parser = SipParser(max_body_bytes=self.max_body_bytes)
         try:
+            idle = self.idle_timeout_s or None
             while not self.closed:
-                data = await reader.read(READ_BYTES)
+                try:
+                    async with asyncio.timeout(idle):
+                        data = await reader.read(READ_BYTES)
+                except TimeoutError:
+                    log.info("siprec.idle_connection_closed", transport=name, idle_s=idle)
+                    self._closed_because("idle_timeout")
+                    break
                 if not data:
                     break
                 fatal = False
@@ -202,6 +232,10 @@ class SipTransports:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
             self._tasks.discard(task)
+
+    def _closed_because(self, reason: str) -> None:
+        if self._on_closed is not None:
+            self._on_closed(reason)
 
     async def close(self) -> None:
         """Close listeners and connections; cancel and await every connection task."""
