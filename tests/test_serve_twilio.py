@@ -22,10 +22,12 @@ from tests.gateway_server import (
     TOKEN,
     Closed,
     Gateway,
+    by_role,
     call_messages,
     connected,
     hello_engine,
     media,
+    metric,
     poll_until,
     running_gateway,
     send_messages,
@@ -33,23 +35,6 @@ from tests.gateway_server import (
     start,
     stop,
 )
-
-
-def _by_role(doc: dict[str, Any]) -> dict[str, str]:
-    """Each role's words, in order (how the merger splits them into utterances aside)."""
-    out: dict[str, list[str]] = {}
-    for u in doc["utterances"]:
-        out.setdefault(u["role"], []).append(u["text"])
-    return {role: " ".join(texts) for role, texts in out.items()}
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def _good_call(gw: Gateway, call_sid: str) -> dict[str, Any]:
@@ -68,7 +53,7 @@ async def test_signed_stream_is_transcribed_stored_and_listed(tmp_path: Path) ->
         assert (closed.code, closed.reason) == (1000, "stop")
         await gw.idle()
         doc = await gw.transcript("CA0001")
-        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
         assert doc["state"] == "ended"
         assert doc["source"] == "twilio"
         assert doc["source_ids"]["callSid"] == "CA0001"
@@ -89,8 +74,8 @@ async def test_signed_stream_is_transcribed_stored_and_listed(tmp_path: Path) ->
             text = await resp.text()
         assert text.splitlines()[0] == "[00:00.1] customer: hello there"
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="ended") == 1
-        assert _metric(metrics, "callgate_media_frames_total", source="twilio") == 200
+        assert metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="ended") == 1
+        assert metric(metrics, "callgate_media_frames_total", source="twilio") == 200
 
 
 async def test_roles_and_participants_from_custom_parameters(tmp_path: Path) -> None:
@@ -132,7 +117,7 @@ async def test_bad_signature_is_refused_with_403(
         closed = await send_messages(url, call_messages("CA0003", 0.2), headers=headers, token=None)
         assert closed.status == 403, case
         reason = "missing_signature" if case == "missing header" else "bad_signature"
-        assert _metric(await gw.metrics(), "callgate_streams_rejected_total", reason=reason) == 1
+        assert metric(await gw.metrics(), "callgate_streams_rejected_total", reason=reason) == 1
         assert gw.registry.active_count == 0
         assert list(gw.registry.recent()) == []
 
@@ -162,15 +147,13 @@ async def test_unsigned_streams_need_allow_unsigned(tmp_path: Path) -> None:
         closed = await send_messages(gw.ws(), call_messages("CA0006", 0.2), token=None)
         assert closed.status == 403
         assert (
-            _metric(
-                await gw.metrics(), "callgate_streams_rejected_total", reason="unsigned_refused"
-            )
+            metric(await gw.metrics(), "callgate_streams_rejected_total", reason="unsigned_refused")
             == 1
         )
     allow = settings_for(tmp_path, twilio={"auth_token": "", "allow_unsigned": True})
     async with running_gateway(allow, hello_engine()) as gw:
         doc = await _good_call_unsigned(gw, "CA0007")
-        assert _by_role(doc)["customer"] == "hello there goodbye"
+        assert by_role(doc)["customer"] == "hello there goodbye"
 
 
 async def _good_call_unsigned(gw: Gateway, call_sid: str) -> dict[str, Any]:
@@ -271,10 +254,10 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path, name: str, code:
         assert (good.code, good.reason) == (1000, "stop")
         await gw.idle()
         doc = await gw.transcript("CAGOOD")
-        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_stream_errors_total", source="twilio", reason=name) == 1
-        failed = _metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="failed")
+        assert metric(metrics, "callgate_stream_errors_total", source="twilio", reason=name) == 1
+        failed = metric(metrics, "callgate_calls_ended_total", source="twilio", outcome="failed")
         assert failed == 0
 
 
@@ -286,7 +269,7 @@ async def test_a_bad_stream_keeps_the_audio_it_delivered(tmp_path: Path) -> None
         await gw.idle()
         doc = await gw.transcript("CAKEEP")
         assert doc["end_reason"] == "stream_error"
-        assert _by_role(doc) == {"customer": "hello there", "agent": "hello there"}
+        assert by_role(doc) == {"customer": "hello there", "agent": "hello there"}
 
 
 # -- redirects, TwiML, drain ----------------------------------------------------------------------
@@ -308,8 +291,8 @@ async def test_a_second_stream_with_the_same_call_sid_continues_the_call(tmp_pat
         doc = await gw.transcript("CAREDIR")
         assert doc["duration_ms"] == 2000
         # "goodbye" (1.2-1.5 s of the session's audio) comes from the second stream.
-        assert _by_role(doc)["customer"] == "hello there goodbye"
-        assert _metric(await gw.metrics(), "callgate_stream_continuations_total") == 1
+        assert by_role(doc)["customer"] == "hello there goodbye"
+        assert metric(await gw.metrics(), "callgate_stream_continuations_total") == 1
 
 
 async def test_twiml_helper_starts_a_both_tracks_stream(tmp_path: Path) -> None:
@@ -360,7 +343,7 @@ async def test_drain_ends_active_calls_and_flushes_their_transcripts(tmp_path: P
         assert closed.reason == "shutdown"
         doc = gw.stored(gw.registry.get("CADRAIN").call_id)  # type: ignore[union-attr]
         assert doc["end_reason"] == "shutdown"
-        assert _by_role(doc)["customer"] == "hello there goodbye"
+        assert by_role(doc)["customer"] == "hello there goodbye"
         # No new streams while draining.
         refused = await send_messages(gw.ws(), call_messages("CALATE", 0.2))
         assert refused.status == 503
@@ -375,8 +358,7 @@ async def test_capacity_limit_refuses_with_503(tmp_path: Path) -> None:
         refused = await send_messages(gw.ws(), call_messages("CAFULL2", 0.2))
         assert refused.status == 503
         assert (
-            _metric(await gw.metrics(), "callgate_streams_rejected_total", reason="at_capacity")
-            == 1
+            metric(await gw.metrics(), "callgate_streams_rejected_total", reason="at_capacity") == 1
         )
         sender.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -467,7 +449,7 @@ async def test_telnyx_frames_out_of_order_are_put_back_in_order(tmp_path: Path) 
         doc = await gw.transcript("v2:T02llQxIyaRkh")
         assert doc["source"] == "telnyx"
         assert doc["duration_ms"] == 2000
-        assert _by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
+        assert by_role(doc) == {"customer": "hello there goodbye", "agent": "hello there goodbye"}
         call = gw.registry.get("v2:T02llQxIyaRkh")
         assert call is not None
         assert sum(c.clock.late_frames for c in call.channels.values()) == 0
@@ -483,7 +465,7 @@ async def test_signalwire_path_takes_the_twilio_wire_format(tmp_path: Path) -> N
         await gw.idle()
         doc = await gw.transcript("CASW01")
         assert doc["source"] == "signalwire"
-        assert _by_role(doc)["agent"] == "hello there goodbye"
+        assert by_role(doc)["agent"] == "hello there goodbye"
 
 
 async def test_max_call_duration_ends_the_call_and_closes_its_stream(tmp_path: Path) -> None:
@@ -529,7 +511,7 @@ async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path:
             async with s.get(f"{gw.http}/readyz") as resp:
                 assert resp.status == 200
                 assert (await resp.json())["status"] == "ready"
-            assert _metric(await gw.metrics(), "callgate_ready") == 1
+            assert metric(await gw.metrics(), "callgate_ready") == 1
             messages = call_messages("CAREADY", 1.6)
             sender = asyncio.create_task(send_messages(gw.ws(), messages, interval_s=0.01))
             await poll_until(lambda: gw.registry.active_count > 0)
@@ -542,7 +524,7 @@ async def test_readyz_turns_503_when_a_drain_starts_while_calls_finish(tmp_path:
                 assert "draining" in (await resp.json())["problems"]
             async with s.get(f"{gw.http}/healthz") as resp:
                 assert resp.status == 200  # alive while draining
-            assert _metric(await gw.metrics(), "callgate_ready") == 0
+            assert metric(await gw.metrics(), "callgate_ready") == 0
             assert gw.registry.active_count == 1  # the active call goes on
             closed = await sender
             await draining
@@ -569,7 +551,7 @@ async def test_a_redirect_continues_its_call_even_at_the_call_limit(tmp_path: Pa
         doc = await gw.transcript("CACAP")
         assert doc["duration_ms"] >= 2000
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
+        assert metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
 
 
 async def test_a_peer_that_stops_answering_is_dropped_and_its_call_ends(tmp_path: Path) -> None:
@@ -594,7 +576,7 @@ async def test_a_peer_that_stops_answering_is_dropped_and_its_call_ends(tmp_path
             await ws.close()
         metrics = await gw.metrics()
         reasons = {"source": "twilio", "reason": "ping_timeout"}
-        assert _metric(metrics, "callgate_stream_errors_total", **reasons) == 1
+        assert metric(metrics, "callgate_stream_errors_total", **reasons) == 1
 
 
 async def test_a_quiet_peer_that_answers_pings_keeps_its_stream(tmp_path: Path) -> None:
@@ -641,7 +623,7 @@ async def test_a_quiet_peer_that_answers_pings_keeps_its_stream(tmp_path: Path) 
         doc = await gw.transcript("CAQUIET")
         assert doc["duration_ms"] == 1000  # all of it (media timestamps: no gap for the quiet)
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
+        assert metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
 
 
 async def test_a_continuation_while_the_old_stream_is_attached_replaces_it(tmp_path: Path) -> None:
@@ -674,8 +656,8 @@ async def test_a_continuation_while_the_old_stream_is_attached_replaces_it(tmp_p
         assert doc["state"] == "ended"
         assert 1500 <= doc["duration_ms"] < 2500  # 0.5 s, then the second stream's 1 s
         metrics = await gw.metrics()
-        assert _metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
-        assert _metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
+        assert metric(metrics, "callgate_stream_continuations_total", source="twilio") == 1
+        assert metric(metrics, "callgate_stream_errors_total", source="twilio") == 0
 
 
 async def test_a_dtmf_flood_is_refused(tmp_path: Path) -> None:
@@ -698,4 +680,4 @@ async def test_a_dtmf_flood_is_refused(tmp_path: Path) -> None:
         await gw.idle()
         metrics = await gw.metrics()
         reasons = {"source": "twilio", "reason": "rate_exceeded"}
-        assert _metric(metrics, "callgate_stream_errors_total", **reasons) == 1
+        assert metric(metrics, "callgate_stream_errors_total", **reasons) == 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -84,7 +84,7 @@ class WatchedSocket(Protocol):
 
 
 class StreamKeepalive:
-    """Owns the sweep task; handlers :meth:`watch` a stream for its lifetime.
+    """Owns the sweep task; handlers watch a stream for its lifetime (:meth:`watching`).
 
     A dropped stream has its transport aborted (the handler's receive loop then ends), one
     warning and ``stream_errors{source, reason="ping_timeout"}``. ``interval_s`` 0 turns it off.
@@ -97,8 +97,14 @@ class StreamKeepalive:
         self._sweep: IdleSweep[WatchedSocket] = IdleSweep()
         self._task: asyncio.Task[None] | None = None
 
-    def watch(self, stream: WatchedSocket, source: str) -> None:
+    @contextlib.contextmanager
+    def watching(self, stream: WatchedSocket, source: str) -> Iterator[None]:
+        """Watch ``stream`` for the duration of the block (a handler's run)."""
         self._watched[stream] = source
+        try:
+            yield
+        finally:
+            self.unwatch(stream)
 
     def unwatch(self, stream: WatchedSocket) -> None:
         self._watched.pop(stream, None)

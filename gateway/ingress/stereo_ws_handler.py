@@ -159,11 +159,8 @@ class StereoWsHandler:
             max_message_bytes=self.conf.max_message_bytes,
         )
         stream = _Stream(self, ws, request, decoder)
-        self.keepalive.watch(stream.link, SOURCE)
-        try:
+        with self.keepalive.watching(stream.link, SOURCE):
             await stream.run()
-        finally:
-            self.keepalive.unwatch(stream.link)
         return ws
 
 

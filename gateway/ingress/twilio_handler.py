@@ -152,11 +152,8 @@ class MediaStreamHandler:
         stream = _Stream(
             self, ws, request, query_secret_ok=self._secret != "" and "token" in request.query
         )
-        self._keepalive.watch(stream.link, self.dialect)
-        try:
+        with self._keepalive.watching(stream.link, self.dialect):
             await stream.run()
-        finally:
-            self._keepalive.unwatch(stream.link)
         return ws
 
     # -- after the upgrade -----------------------------------------------------------------------
