@@ -10,6 +10,9 @@ from typing import Any
 import aiohttp
 
 from gateway.api.routes import HUB, STORE
+from gateway.calls.call import CallState
+from gateway.ingress.events import Audio, CallStarted, ChannelSpec
+from gateway.ingress.ws_shell import call_options
 from gateway.stt.scripted import ScriptedEngine, parse_script
 from tests.gateway_server import (
     Gateway,
@@ -262,3 +265,35 @@ async def test_a_resume_from_before_the_events_in_memory_is_served_from_the_stor
     assert [e for e in sse if e["type"] != "turn.partial"] == [
         e for e in ws if e["type"] != "turn.partial"
     ]
+
+
+async def test_a_call_can_be_followed_before_it_starts(tmp_path: Path) -> None:
+    # SIPREC admits a call at the INVITE and starts it on its own task a moment later. A
+    # dashboard that opens the feed in between must follow the call: a 204 would stop an
+    # EventSource for good, and the WebSocket feed would close as if the call had ended.
+    settings = settings_for(tmp_path)
+    async with running_gateway(settings, talkative_engine()) as gw:
+        live = gw.registry.create(
+            talkative_engine(),
+            call_options(settings),
+            source="test",
+            key="CANEW",
+            grace_s=0.0,
+            max_call_s=60.0,
+        )
+        call = live.call
+        assert call.state is CallState.NEW
+        base = f"{gw.http}/v1/calls/{call.call_id}"
+        followers = [
+            asyncio.create_task(_sse_session(f"{base}/events", None, None)),
+            asyncio.create_task(
+                _ws_session(f"ws://127.0.0.1:{gw.port}/v1/calls/{call.call_id}/live", None, None)
+            ),
+        ]
+        await poll_until(lambda: gw.app[HUB].subscriber_count == 2)
+        await call.handle(CallStarted("test", (ChannelSpec(0, "customer"),)))
+        await call.audio(Audio(0, b"\x00\x00" * 8000))
+        await call.end("hangup")
+        for events, ended in await asyncio.gather(*followers):
+            assert ended
+            _check_exactly_once(events)

@@ -417,7 +417,7 @@ async def call_events_sse(request: web.Request) -> web.StreamResponse:
     if request.method == "HEAD":
         return await _open_sse(request)  # a HEAD response has no content
     hub = request.app[HUB]
-    subscribed = hub.subscribe(call_id, after)
+    subscribed = hub.subscribe(call_id, after, call)
     if subscribed is None:
         stored = await _stored_backlog(request, call_id, after)
         if not stored:
@@ -464,7 +464,7 @@ async def call_events_ws(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=request.app[KEEPALIVE_S], compress=False)
     await ws.prepare(request)
     hub = request.app[HUB]
-    subscribed = hub.subscribe(call_id, after)
+    subscribed = hub.subscribe(call_id, after, call)
     if subscribed is None:
         for event in await _stored_backlog(request, call_id, after):
             await ws.send_str(event.json_text)

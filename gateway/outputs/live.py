@@ -319,17 +319,21 @@ class LiveHub:
     def subscriber_count(self) -> int:
         return len(self._all) + sum(len(p.subscribers) for p in self._publishers.values())
 
-    def subscribe(self, call_id: str, after: int) -> Subscribed | None:
+    def subscribe(self, call_id: str, after: int, call: Call | None = None) -> Subscribed | None:
         """The events after ``after`` so far, and a subscription for the rest.
 
-        None if the call's log is not in memory (finished long ago: read the store). For a call
+        None if the call's log is not in memory (finished long ago: read the store). ``call`` is
+        the Call when it is in memory: one admitted but not started yet has no events, and gets
+        its publisher now, so the subscription follows it from its first event. For a call
         already ended the subscription is closed at once (``call_ended``). When ``after`` is
         older than the first event in memory, ``store_before`` says the events in between
         (``after`` < seq < ``store_before``) must be read from the store, before the backlog.
         """
         publisher = self._publishers.get(call_id) or self._finished.get(call_id)
         if publisher is None:
-            return None
+            if call is None or call.state is not CallState.NEW:
+                return None
+            publisher = self._publishers[call_id] = CallPublisher(self, call)
         log = publisher.log
         published = publisher.published_seq
         backlog = [event for event in log.after(after) if event.seq <= published]
