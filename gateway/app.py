@@ -462,6 +462,8 @@ def _snapshot(app: web.Application) -> StateSnapshot:
         queued_audio_s=queued_ms / 1000,
         events_published=hub.published,
         subscriber_drops=hub.dropped_subscribers,
+        partials_coalesced=hub.partials_coalesced,
+        publish_backlog=hub.publish_backlog,
         ready=registry.accepting and engines.started(engines.default),
     )
 

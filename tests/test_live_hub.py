@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.outputs.events import CallEvent, EventLog
-from gateway.outputs.live import CallPublisher, LiveHub, Subscription
+from gateway.outputs.live import _COALESCE_AFTER, CallPublisher, LiveHub, Subscription
+from tests.gateway_server import poll_until
 
 
 def _turn(key: str, text: str) -> dict[str, Any]:
@@ -119,8 +120,8 @@ async def test_a_subscriber_joining_during_a_save_gets_that_event_once_and_after
     call: Any = SimpleNamespace(call_id="c1")
     publisher = CallPublisher(hub, call)
     hub._publishers["c1"] = publisher
-    publisher._queue.put_nowait(("call.started", {}, None, 0.0))
-    publisher._queue.put_nowait(("turn.final", {"key": "0:0:0", "text": "hi"}, None, 0.0))
+    publisher.enqueue("call.started", {}, at=0.0)
+    publisher.enqueue("turn.final", {"key": "0:0:0", "text": "hi"}, at=0.0)
     await asyncio.sleep(0.01)  # seq 1 is logged and waiting for the store
     subscribed = hub.subscribe("c1", 0)
     assert subscribed is not None
@@ -146,3 +147,59 @@ def test_a_firehose_resume_from_before_a_restart_reports_a_gap_and_replays_the_b
     assert [item.gseq for item in backlog] == list(range(1, 31))
     current, _sub, complete = hub.subscribe_all(30)
     assert complete and current == []
+
+
+async def test_partials_do_not_pile_up_behind_a_stalled_store() -> None:
+    # The store hangs (a full disk, a locked database) while a call goes on talking: once a few
+    # events wait, each turn waits as one partial with its newest text, and a turn that became
+    # final as its final only.
+    gate = asyncio.Event()
+    saved: list[str] = []
+
+    async def persist(event: CallEvent, extra: object) -> None:
+        await gate.wait()
+        saved.append(event.type)
+
+    hub = LiveHub(persist=persist)
+    call: Any = SimpleNamespace(call_id="c1")
+    publisher = CallPublisher(hub, call)
+    hub._publishers["c1"] = publisher
+    publisher.enqueue("call.started", {}, at=0.0)
+    await asyncio.sleep(0.01)  # call.started is waiting for the store
+    full = " ".join(f"w{i}" for i in range(20))
+    for turn in range(50):
+        words = []
+        for word in range(20):
+            words.append(f"w{word}")
+            publisher.enqueue("turn.partial", _turn(f"0:0:{turn}", " ".join(words)), at=0.0)
+            publisher.enqueue("turn.partial", _turn(f"1:0:{turn}", " ".join(words)), at=0.0)
+        publisher.enqueue("turn.final", _turn(f"0:0:{turn}", full), at=0.0)
+    # 2,050 events offered; what waits is about one per turn and channel.
+    assert 100 <= publisher.backlog <= 100 + _COALESCE_AFTER
+    assert hub.publish_backlog == publisher.backlog
+    assert hub.partials_coalesced >= 2050 - 100 - _COALESCE_AFTER
+    sub = hub.subscribe("c1", 0)
+    assert sub is not None
+    waiting = publisher.backlog
+    gate.set()
+    await poll_until(lambda: publisher.backlog == 0 and sub.sub.pending == 1 + waiting)
+    got = [sub.sub._queue.get_nowait() for _ in range(1 + waiting)]
+    assert [e.seq for e in got] == list(range(1, 2 + waiting))
+    assert got[0].type == "call.started"
+    assert saved == ["call.started"] + ["turn.final"] * 50
+    finals = [e.data["key"] for e in got if e.type == "turn.final"]
+    assert finals == [f"0:0:{t}" for t in range(50)]
+    # Channel 1's turns never became final: each one's last partial has its whole text.
+    last: dict[str, str] = {}
+    for e in got:
+        if e.type == "turn.partial":
+            last[e.data["key"]] = e.data["text"]
+    assert {k: v for k, v in last.items() if k.startswith("1:")} == {
+        f"1:0:{t}": full for t in range(50)
+    }
+    # Once the store keeps up, every partial is published again.
+    for text in ("a", "a b", "a b c"):
+        publisher.enqueue("turn.partial", _turn("1:0:50", text), at=0.0)
+    await poll_until(lambda: sub.sub.pending == 3)
+    assert [sub.sub._queue.get_nowait().data["text"] for _ in range(3)] == ["a", "a b", "a b c"]
+    await publisher.cancel()

@@ -64,6 +64,8 @@ KNOWN = frozenset(
         "callgate_events_published_total",
         "callgate_live_subscribers",
         "callgate_live_subscriber_drops_total",
+        "callgate_live_partials_coalesced_total",
+        "callgate_live_publish_backlog",
         "callgate_store_write_seconds",
         "callgate_store_write_failures_total",
         "callgate_webhook_deliveries_total",
@@ -160,6 +162,7 @@ def test_every_rule_has_severity_and_annotations() -> None:
         "callgate_stt_reconnects_total",
         "callgate_event_loop_lag_seconds_bucket",
         "callgate_webhook_outbox_depth",
+        "callgate_live_publish_backlog",
         'outcome="dead"',
         "at_capacity|draining",
     }
@@ -223,6 +226,37 @@ _UNIT_TESTS: dict[str, Any] = {
                         {
                             "exp_labels": {
                                 "severity": "warning",
+                                "job": "callgate",
+                                "instance": "gw1:8080",
+                            }
+                        }
+                    ],
+                },
+            ],
+        },
+        {
+            "name": "store stalled",
+            "interval": "1m",
+            "input_series": [
+                # gw1's store hangs at 2 m; gw2 has a short burst, drained within a minute.
+                {
+                    "series": 'callgate_live_publish_backlog{job="callgate", instance="gw1:8080"}',
+                    "values": "0 0 80x10",
+                },
+                {
+                    "series": 'callgate_live_publish_backlog{job="callgate", instance="gw2:8080"}',
+                    "values": "0 0 400 0x10",
+                },
+            ],
+            "alert_rule_test": [
+                {"eval_time": "3m", "alertname": "CallgateStoreStalled", "exp_alerts": []},
+                {
+                    "eval_time": "5m",
+                    "alertname": "CallgateStoreStalled",
+                    "exp_alerts": [
+                        {
+                            "exp_labels": {
+                                "severity": "critical",
                                 "job": "callgate",
                                 "instance": "gw1:8080",
                             }

@@ -240,6 +240,8 @@ class StateSnapshot:
     queued_audio_s: float
     events_published: int
     subscriber_drops: int
+    partials_coalesced: int
+    publish_backlog: int
     ready: bool
 
 
@@ -325,6 +327,16 @@ class GatewayCollector:
             "callgate_live_subscriber_drops",
             "Live subscribers disconnected for falling behind",
             value=s.subscriber_drops,
+        )
+        yield CounterMetricFamily(
+            "callgate_live_partials_coalesced",
+            "Partials replaced by a newer partial or their final while waiting to be published",
+            value=s.partials_coalesced,
+        )
+        yield GaugeMetricFamily(
+            "callgate_live_publish_backlog",
+            "Events waiting to be stored and published, on the call with the most (a slow store)",
+            value=s.publish_backlog,
         )
         yield GaugeMetricFamily(
             "callgate_ready",

@@ -63,6 +63,8 @@ _COMPACT_AT = 600  # events in a log before superseded partials are first compac
 _KEEP_RECENT = 20
 # Builds the extra document of an event (call.ended's transcript) in a worker thread.
 _Document = Callable[[], dict[str, Any]]
+# Waiting events (the store is slow) beyond which partials are coalesced (CallPublisher).
+_COALESCE_AFTER = 20
 _TRIM_SLACK = 100  # at most this many events beyond live.events_in_memory, then trimmed at once
 
 
@@ -126,8 +128,30 @@ class Subscription:
         return self._queue.qsize()
 
 
+class _Pending:
+    """An event described by the listener, waiting for the publisher's task. Mutable: a newer
+    partial of the same turn replaces its text in place, and the turn's final voids it."""
+
+    __slots__ = ("at", "data", "describe", "type")
+
+    def __init__(
+        self, type_: str | None, data: dict[str, Any], describe: _Document | None, at: float
+    ) -> None:
+        self.type = type_  # None: superseded by its turn's final, skipped
+        self.data = data
+        self.describe = describe
+        self.at = at
+
+
 class CallPublisher:
-    """One call's ordered path from listener to store to subscribers (see module docstring)."""
+    """One call's ordered path from listener to store to subscribers (see module docstring).
+
+    Events wait in an unbounded queue while the store is slow, but partials do not pile up
+    there: once ``_COALESCE_AFTER`` events wait, a waiting partial is replaced by its turn's
+    newer partial, and dropped when the turn's final arrives (``LiveHub.partials_coalesced``).
+    What waits is then at most one partial per open turn plus the finals and call events,
+    which must all be kept. Below that (the store keeping up) every partial is published.
+    """
 
     def __init__(self, hub: LiveHub, call: Call) -> None:
         self.hub = hub
@@ -139,11 +163,17 @@ class CallPublisher:
         self.published_seq = 0
         self.subscribers: set[Subscription] = set()
         self._compact_at = _COMPACT_AT
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any], _Document | None, float] | None] = (
-            asyncio.Queue()
-        )
+        self._pending: deque[_Pending | None] = deque()  # None: the call ended, stop
+        self._waiting_partials: dict[str, _Pending] = {}  # turn key -> its partial in _pending
+        self._voided = 0  # superseded partials still in _pending (skipped when taken)
+        self._more = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name=f"publish-{call.call_id}")
         self.done = asyncio.Event()
+
+    @property
+    def backlog(self) -> int:
+        """Events offered but not yet published (waiting for the store, or for the task)."""
+        return len(self._pending) - self._voided
 
     def offer(self, call: Call, output: CallOutput) -> None:
         """The Call listener: describe ``output`` now, publish it in order later."""
@@ -151,21 +181,57 @@ class CallPublisher:
         if item is not None:
             # The event's time is when the call produced it (a final leaving the merger), so
             # subscribers can measure the whole path: persist, publish, network.
-            self._queue.put_nowait((*item, time.time()))
+            self.enqueue(*item, at=time.time())
         if isinstance(output, CallStateChanged) and output.state in (
             CallState.ENDED,
             CallState.FAILED,
         ):
-            self._queue.put_nowait(None)  # nothing follows call.ended
+            self._pending.append(None)  # nothing follows call.ended
+            self._more.set()
+
+    def enqueue(
+        self, type_: str, data: dict[str, Any], describe: _Document | None = None, *, at: float
+    ) -> None:
+        """Queue one described event for the task (partials coalesced, see the class)."""
+        behind = len(self._pending) - self._voided >= _COALESCE_AFTER
+        if type_ == "turn.partial":
+            waiting = self._waiting_partials.get(data["key"])
+            if waiting is not None and behind:
+                waiting.data, waiting.at = data, at  # the newest text, where the older one was
+                self.hub.partials_coalesced += 1
+                return
+            pending = self._waiting_partials[data["key"]] = _Pending(type_, data, describe, at)
+        else:
+            if type_ == "turn.final":
+                superseded = self._waiting_partials.pop(data["key"], None)
+                if superseded is not None and behind:
+                    superseded.type = None  # the final carries the whole text
+                    self._voided += 1
+                    self.hub.partials_coalesced += 1
+            pending = _Pending(type_, data, describe, at)
+        self._pending.append(pending)
+        self._more.set()
+
+    async def _next(self) -> _Pending | None:
+        while not self._pending:
+            self._more.clear()
+            await self._more.wait()
+        item = self._pending.popleft()
+        if item is not None and item.type is None:
+            self._voided -= 1
+        elif item is not None and item.type == "turn.partial":
+            key = item.data["key"]
+            if self._waiting_partials.get(key) is item:
+                del self._waiting_partials[key]
+        return item
 
     async def _run(self) -> None:
         persist = self.hub.persist
         try:
-            while True:
-                item = await self._queue.get()
-                if item is None:
-                    break
-                type_, data, describe, at = item
+            while (item := await self._next()) is not None:
+                type_, data, describe, at = item.type, item.data, item.describe, item.at
+                if type_ is None:
+                    continue  # a partial its turn's final superseded while both waited
                 extra = await asyncio.to_thread(describe) if describe is not None else None
                 event = self.log.append(type_, data, at=at)
                 if event is None:
@@ -253,6 +319,7 @@ class LiveHub:
         self.persist_failures = 0
         self.published = 0
         self.dropped_subscribers = 0
+        self.partials_coalesced = 0
         self._publishers: dict[str, CallPublisher] = {}
         self._finished: OrderedDict[str, CallPublisher] = OrderedDict()
         self._keep_finished = keep_finished
@@ -314,6 +381,11 @@ class LiveHub:
     def log_of(self, call_id: str) -> EventLog | None:
         publisher = self._publishers.get(call_id) or self._finished.get(call_id)
         return publisher.log if publisher else None
+
+    @property
+    def publish_backlog(self) -> int:
+        """Events waiting to be stored and published, on the call with the most."""
+        return max((p.backlog for p in self._publishers.values()), default=0)
 
     @property
     def subscriber_count(self) -> int:
