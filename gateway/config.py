@@ -440,6 +440,10 @@ class SiprecSettings(_Section):
     # RTP jitter buffer: reorder window and the longest a packet waits for a missing one (ms).
     jitter_window_ms: int = Field(60, ge=0, le=1000)
     jitter_max_delay_ms: int = Field(200, ge=20, le=5000)
+    # Audio a call may have waiting for its STT sessions (s of 20 ms packets per stream): UDP has
+    # no backpressure, so beyond this newly arriving packets are dropped (and the hole is
+    # silence on the call clock) instead of the queue growing while recognition lags.
+    max_backlog_s: float = Field(10.0, ge=1.0, le=300.0)
 
     @field_validator("allowlist")
     @classmethod

@@ -16,6 +16,7 @@ import re
 import shutil
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -770,3 +771,77 @@ async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_go
     finally:
         listener.close()
         await listener.wait_closed()
+
+
+class _LaggingSession:
+    """A session that takes audio only once ``gate`` is set (everything else delegated)."""
+
+    def __init__(self, inner: Any, gate: asyncio.Event) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def send(self, audio: bytes) -> None:
+        await self._gate.wait()
+        await self._inner.send(audio)
+
+
+class _LaggingEngine:
+    """hello_engine() whose sessions wait at ``gate``: recognition lagging behind the call, as
+    an overloaded local engine does (its bounded input queue pushes back on the call)."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self._inner = hello_engine()
+        self._gate = gate
+        self.name = self._inner.name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def open_session(self, params: Any) -> _LaggingSession:
+        return _LaggingSession(self._inner.open_session(params), self._gate)
+
+
+async def test_audio_waiting_for_a_lagging_engine_is_bounded_and_the_legs_stay_aligned(
+    tmp_path: Path,
+) -> None:
+    # UDP has no backpressure: while recognition lags, packets would queue without bound. With
+    # max_backlog_s = 1 at most 1 s of 20 ms packets per stream waits; the rest is dropped,
+    # counted, and becomes silence on the call clock, so both legs keep the call's length.
+    gate = asyncio.Event()
+    settings = siprec_settings(tmp_path, max_backlog_s=1.0)
+    async with siprec_gateway(settings, _LaggingEngine(gate)) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        audio = [SILENCE + SILENCE, SILENCE + SILENCE]  # 4 s per leg
+        player = asyncio.create_task(play_rtp([("127.0.0.1", p) for p in answer_ports(ok)], audio))
+        call = svc._calls[dialog.call_id]
+        peak = 0
+        loop = asyncio.get_running_loop()
+        opens_at = loop.time() + 2.5
+        while not player.done():
+            peak = max(peak, len(call.queue))
+            if not gate.is_set() and loop.time() >= opens_at:
+                gate.set()  # recognition catches up for the last 1.5 s
+            await asyncio.sleep(0.01)
+        assert await player == 200
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+        assert 100 <= peak <= 102  # 2 streams x 50 packets, plus the call's own events
+        text = await gw.metrics()
+        dropped = metric(text, "callgate_siprec_rtp_dropped_total", reason="backlog")
+        assert 100 <= dropped <= 250  # about 1.5 s of both legs, while the queue was full
+        ended = gw.registry.get(dialog.call_id)
+        assert ended is not None
+        stored = gw.stored(ended.call_id)
+        assert stored["state"] == "ended"
+        legs = list(ended.channels.values())
+        assert [c.duration_ms for c in legs] == [stored["duration_ms"]] * 2
+        assert 3900 <= stored["duration_ms"] <= 4100
+        assert all(1000 <= c.filled_ms <= 2500 for c in legs)  # the dropped stretch
+        assert _words(stored) == {0: "hello there goodbye", 1: "hello there goodbye"}
+        client.close()

@@ -152,7 +152,8 @@ class Metrics:
             "RTP packets of recorded streams dropped before the call clock, by reason: "
             "malformed, unknown_payload (a type the SDP did not offer), srtp_rejected (failed "
             "SRTP authentication), duplicate, late (after the jitter buffer moved on), "
-            "foreign_ssrc (another sender's SSRC interleaved with the locked one)",
+            "foreign_ssrc (another sender's SSRC interleaved with the locked one), backlog "
+            "(the call's audio waiting for STT exceeded siprec.max_backlog_s)",
             ["reason"],
             registry=r,
         )

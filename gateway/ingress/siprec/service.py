@@ -185,6 +185,10 @@ class _SipCall:
         self.packets = self.bytes = self.packets_counted = self.bytes_counted = 0
         self.dropped_counted = Counter[str]()  # receivers' drop counters already in the metric
         self.audio_events = 0
+        # Audio events the queue may hold per RTP stream (siprec.max_backlog_s of 20 ms
+        # packets); beyond it arriving packets are dropped (UDP has no backpressure).
+        self.backlog_per_stream = max(1, round(service.settings.siprec.max_backlog_s * 50))
+        self.backlog_dropped = 0
         self.task: asyncio.Task[None] | None = None
 
     # -- called on the loop by the service (synchronous) -----------------------------------------
@@ -245,6 +249,8 @@ class _SipCall:
         """Read what a stream's socket holds; the events go to the queue."""
         now = self.service.loop.time()
         media = self.media
+        queue = self.queue
+        limit = self.backlog_per_stream * len(media.receivers) if media is not None else 0
         got = False
         for _ in range(MAX_READS):
             try:
@@ -265,7 +271,10 @@ class _SipCall:
             self.packets += 1
             self.bytes += len(data)
             for event in media.receive(stream.channel, data, now):
-                self.queue.append((event, now))
+                if len(queue) >= limit and type(event) is Audio:
+                    self._drop_backlog()
+                    continue
+                queue.append((event, now))
                 got = True
             if receiver.stats.accepted == accepted:
                 continue  # forged, malformed or foreign: it must not capture the stream
@@ -279,6 +288,17 @@ class _SipCall:
             self.wake.set()
         if self.packets - self.packets_counted >= COUNT_EVERY:
             self.count_media()
+
+    def _drop_backlog(self) -> None:
+        if not self.backlog_dropped:
+            # Once per call: recognition is slower than real time (an overloaded local engine).
+            log.warning(
+                "siprec.backlog_full",
+                sip_call_id=self.sip_call_id,
+                call_id=self.live.call_id,
+                max_backlog_s=self.service.settings.siprec.max_backlog_s,
+            )
+        self.backlog_dropped += 1
 
     def count_media(self) -> None:
         metrics = self.service.metrics
@@ -296,6 +316,7 @@ class _SipCall:
             dropped["duplicate"] += jitter.duplicates + stats.srtp_replayed
             dropped["late"] += jitter.late
             dropped["foreign_ssrc"] += jitter.foreign_ssrc
+        dropped["backlog"] = self.backlog_dropped
         for reason, total in dropped.items():
             if total > self.dropped_counted[reason]:
                 metrics.siprec_rtp_dropped.labels(reason).inc(total - self.dropped_counted[reason])
