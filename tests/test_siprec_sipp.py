@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.calls.call import Call, CallOutput, CallUpdated
+from gateway.calls.call import Call, CallOutput, CallState, CallUpdated
 from gateway.ingress.siprec.service import SiprecService
 from gateway.simulate.twilio import load_call_audio
 from gateway.stt.local import LocalEngine
@@ -33,6 +33,11 @@ from tests.test_transcribe_corpus import assert_meets_bars
 
 SIPP = shutil.which("sipp")
 SCENARIO = ROOT / "tests" / "sipp" / "siprec_uac.xml"
+# sipp holds the call this long after the audio's length (its -d pause, from the ACK), then
+# resumes it and hangs up 0.5 s later. The RTP is played by the test's own loop, which also
+# runs the gateway and, in the corpus test, six local-engine channels on two cores: with 1.5 s
+# the last turn of a call once went missing under the full suite (arrived after the BYE).
+HOLD_MARGIN_MS = 5000
 
 
 def _free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -145,10 +150,16 @@ async def _sipp_call(
     """Run one sipp call playing ``pcm`` (two channels); returns the run and its call id."""
     seconds = len(pcm[0]) / 2 / 8000
     sipp = await start_sipp(
-        svc.sip_ports["udp"], name, int(seconds * 1000) + 1500, tmp / f"sipp-{name}"
+        svc.sip_ports["udp"], name, int(seconds * 1000) + HOLD_MARGIN_MS, tmp / f"sipp-{name}"
     )
     ports = await answer_ports(svc, name)
     await play_rtp([("127.0.0.1", p) for p in ports], list(pcm))
+    call = gw.registry.get(next(c for c in _sip_ids(gw) if c.startswith(name)))
+    # sipp holds, resumes and hangs up on its own clock: RTP arriving after its BYE is lost.
+    assert call is not None and call.state is CallState.ACTIVE, (
+        f"{name}: the RTP ran past sipp's BYE (pause + {HOLD_MARGIN_MS} ms); the machine was "
+        "too loaded for this test's timing"
+    )
     rc = await sipp.finish(within_s=60)
     assert rc == 0, (sipp.errors.read_text() if sipp.errors.exists() else "", sipp.trace()[-3000:])
     return sipp, next(c for c in _sip_ids(gw) if c.startswith(name))
