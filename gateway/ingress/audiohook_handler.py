@@ -56,6 +56,7 @@ from gateway.ingress.ws_shell import (
     continue_call,
     feed_call,
     fill_reconnect_gap,
+    refuse_upgrade,
     start_call,
 )
 from gateway.observability.logging import get_logger
@@ -96,11 +97,7 @@ class AudioHookHandler:
         self.log = log.bind(source=SOURCE)
 
     def _refuse(self, request: web.Request, status: int, reason: str, detail: str) -> web.Response:
-        self.metrics.streams_rejected.labels(SOURCE, reason).inc()
-        self.log.warning(
-            "stream.refused", reason=reason, status=status, path=request.path, remote=request.remote
-        )
-        return web.Response(status=status, text=f"{reason}: {detail}\n")
+        return refuse_upgrade(self.metrics, self.log, SOURCE, request, status, reason, detail)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The route handler: refuse (HTTP status) or run the session until it closes."""

@@ -40,6 +40,7 @@ from gateway.ingress.ws_shell import (
     continue_call,
     feed_call,
     fill_reconnect_gap,
+    refuse_upgrade,
     start_call,
 )
 from gateway.observability.logging import get_logger
@@ -77,12 +78,7 @@ class StereoWsHandler:
         self.log = log.bind(source=SOURCE)
 
     def _refuse(self, request: web.Request, status: int, reason: str, detail: str) -> web.Response:
-        self.metrics.streams_rejected.labels(SOURCE, reason).inc()
-        # No headers, no query string: they may carry secrets.
-        self.log.warning(
-            "stream.refused", reason=reason, status=status, path=request.path, remote=request.remote
-        )
-        return web.Response(status=status, text=f"{reason}: {detail}\n")
+        return refuse_upgrade(self.metrics, self.log, SOURCE, request, status, reason, detail)
 
     def _authenticate(self, request: web.Request) -> tuple[str, str] | None:
         """(reason, detail) if the upgrade must be refused with 403, else None."""

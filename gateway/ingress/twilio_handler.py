@@ -39,6 +39,7 @@ from gateway.ingress.ws_shell import (
     close_text,
     continue_call,
     feed_call,
+    refuse_upgrade,
     start_call,
 )
 from gateway.media.clock import TimestampJump
@@ -88,16 +89,9 @@ class MediaStreamHandler:
     # -- before the upgrade ----------------------------------------------------------------------
 
     def _refuse(self, request: web.Request, status: int, reason: str, detail: str) -> web.Response:
-        self._metrics.streams_rejected.labels(self.dialect, reason).inc()
-        # No headers, no query string: they may carry secrets.
-        self._log.warning(
-            "stream.refused",
-            reason=reason,
-            status=status,
-            path=request.path,
-            remote=request.remote,
+        return refuse_upgrade(
+            self._metrics, self._log, self.dialect, request, status, reason, detail
         )
-        return web.Response(status=status, text=f"{reason}: {detail}\n")
 
     def _authenticate(self, request: web.Request) -> tuple[str, str] | None:
         """(reason, detail) if the upgrade must be refused with 403, else None."""

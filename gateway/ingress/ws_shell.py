@@ -14,6 +14,7 @@ import time
 from typing import Protocol
 
 from aiohttp import WSCloseCode, web
+from structlog.typing import FilteringBoundLogger
 
 from gateway.calls.call import Call, CallError, CallOptions
 from gateway.calls.live import ContinuationError, LiveCall, StreamLink, StreamPlacement
@@ -165,6 +166,25 @@ async def start_call(
         live.detach(link, "stream_error")
         raise StreamError("bad_start", str(exc)) from None
     return live, placement
+
+
+def refuse_upgrade(
+    metrics: Metrics,
+    logger: FilteringBoundLogger,
+    source: str,
+    request: web.Request,
+    status: int,
+    reason: str,
+    detail: str,
+) -> web.Response:
+    """Answer an upgrade request with ``status`` and ``reason: detail`` before any WebSocket:
+    counted in ``callgate_streams_rejected{source, reason}`` and logged as one warning line
+    without headers or query string (they may carry secrets)."""
+    metrics.streams_rejected.labels(source, reason).inc()
+    logger.warning(
+        "stream.refused", reason=reason, status=status, path=request.path, remote=request.remote
+    )
+    return web.Response(status=status, text=f"{reason}: {detail}\n")
 
 
 def call_options(settings: Settings) -> CallOptions:
