@@ -410,6 +410,9 @@ class SiprecSettings(_Section):
     tls_port: int = Field(5061, ge=0, le=65535)
     tls_cert: str = ""
     tls_key: str = ""
+    # CA certificates (PEM file) a peer's certificate must chain to when we open a TLS
+    # connection ourselves (a BYE whose dialog connection is gone); "" = the system's.
+    tls_ca: str = ""
     # Address written into our Contact and the SDP answer (where SBCs send RTP); "" = host, or
     # this machine's primary address when host is a wildcard.
     media_address: str = ""

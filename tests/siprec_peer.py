@@ -153,6 +153,11 @@ class Dialog:
     cseq: int = 1
     invite_branch: str = ""
 
+    @property
+    def _uri_params(self) -> str:
+        # A TLS client's Contact says so (where in-dialog requests must come over TLS).
+        return ";transport=tls" if self.transport == "TLS" else ""
+
     def request(
         self,
         method: str,
@@ -177,7 +182,7 @@ class Dialog:
             ("To", to),
             ("Call-ID", self.call_id),
             ("CSeq", f"{self.cseq if cseq is None else cseq} {method}"),
-            ("Contact", f"<sip:src@{self.local[0]}:{self.local[1]}>;+sip.src"),
+            ("Contact", f"<sip:src@{self.local[0]}:{self.local[1]}{self._uri_params}>;+sip.src"),
             *extra,
         ]
         if content_type:

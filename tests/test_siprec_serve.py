@@ -845,3 +845,87 @@ async def test_audio_waiting_for_a_lagging_engine_is_bounded_and_the_legs_stay_a
         assert all(1000 <= c.filled_ms <= 2500 for c in legs)  # the dropped stretch
         assert _words(stored) == {0: "hello there goodbye", 1: "hello there goodbye"}
         client.close()
+
+
+async def _self_signed(tmp: Path, name: str, san: str) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.fail(
+            "openssl not found: install it with `sudo scripts/install-system-deps.sh`",
+            pytrace=False,
+        )
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    proc = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+        *("-nodes", "-subj", f"/CN={name}", "-addext", f"subjectAltName={san}", "-days", "1"),
+        *("-keyout", str(key), "-out", str(cert)),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await proc.wait() == 0
+    return cert, key
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+async def test_our_bye_over_tls_opens_a_verified_connection_when_the_dialog_one_is_gone(
+    tmp_path: Path, trusted: bool
+) -> None:
+    # As over TCP, but the new connection is TLS, and the SBC's certificate must chain to
+    # siprec.tls_ca and name the Contact's host: an SBC we cannot verify gets no BYE (the SIP
+    # would go in the clear to whoever answers), and the call still ends on our side.
+    gw_cert, gw_key = await _self_signed(tmp_path, "srs", "DNS:localhost")
+    sbc_cert, sbc_key = await _self_signed(tmp_path, "sbc", "IP:127.0.0.1")
+    received: asyncio.Queue[SipRequest] = asyncio.Queue()
+
+    async def sbc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = SipParser()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while chunk := await reader.read(65536):
+                for message in parser.feed(chunk):
+                    if isinstance(message, SipRequest):
+                        received.put_nowait(message)
+                        writer.write(build_response(message, 200, "OK").to_bytes())
+        writer.close()
+
+    sbc_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    sbc_tls.load_cert_chain(sbc_cert, sbc_key)
+    listener = await asyncio.start_server(sbc, "127.0.0.1", 0, ssl=sbc_tls)
+    contact_port = int(listener.sockets[0].getsockname()[1])
+    base = siprec_settings(
+        tmp_path,
+        tls_port=0,
+        tls_cert=str(gw_cert),
+        tls_key=str(gw_key),
+        tls_ca=str(sbc_cert if trusted else gw_cert),
+    )
+    settings = base.model_copy(update={"calls": base.calls.model_copy(update={"max_call_s": 1.0})})
+    client_tls = ssl.create_default_context()
+    client_tls.check_hostname = False
+    client_tls.verify_mode = ssl.CERT_NONE
+    try:
+        async with siprec_gateway(settings, hello_engine()) as (gw, svc):
+            port = svc.sip_ports["tls"]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls)
+            client = SipTcpClient(reader, writer)
+            dialog = client.dialog(("127.0.0.1", port))
+            dialog.transport = "TLS"
+            dialog.local = ("127.0.0.1", contact_port)  # our Contact: the SBC's TLS listener
+            client.send(dialog.invite())
+            await client.expect(100)
+            ok = await client.expect(200)
+            dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+            client.send(dialog.ack())
+            await client.writer.drain()
+            client.close()
+            if trusted:
+                bye = await asyncio.wait_for(received.get(), 5.0)
+                assert bye.method == "BYE" and bye.call_id == dialog.call_id
+            await gw.idle()
+            if not trusted:
+                await asyncio.sleep(1.0)  # the BYE's retransmissions had their chance
+                assert received.empty()
+            assert svc.ports.in_use == 0
+            ended = gw.registry.get(dialog.call_id)
+            assert ended is not None and gw.stored(ended.call_id)["state"] == "ended"
+    finally:
+        listener.close()
+        await listener.wait_closed()

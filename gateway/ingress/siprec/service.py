@@ -70,7 +70,7 @@ from gateway.ingress.siprec.message import ParseError, ParseResult, SipRequest
 from gateway.ingress.siprec.participants import RolePolicy
 from gateway.ingress.siprec.rtp import CallMedia
 from gateway.ingress.siprec.rtp_ports import MAX_READS, RECV_BYTES, RtpPorts
-from gateway.ingress.siprec.transport import SipTransports, tls_context
+from gateway.ingress.siprec.transport import SipTransports, tls_client_context, tls_context
 from gateway.ingress.ws_shell import call_options
 from gateway.media.clock import TimestampJump
 from gateway.observability.logging import get_logger
@@ -472,11 +472,12 @@ class SiprecService:
         self._loop = asyncio.get_running_loop()
         self._engine = await self.engines.get()
         address = conf.media_address or await asyncio.to_thread(_primary_address, conf.host)
-        tls = (
-            await asyncio.to_thread(tls_context, conf.tls_cert, conf.tls_key)
-            if conf.tls_cert and conf.tls_key
-            else None
-        )
+        tls = client_tls = None
+        if conf.tls_cert and conf.tls_key:
+            tls = await asyncio.to_thread(tls_context, conf.tls_cert, conf.tls_key)
+            client_tls = await asyncio.to_thread(
+                tls_client_context, conf.tls_cert, conf.tls_key, conf.tls_ca
+            )
         self._ports = RtpPorts(conf.host, conf.rtp_port_min, conf.rtp_port_max, loop=self._loop)
         rejected = self.metrics.streams_rejected
         transports = self._transports = SipTransports(
@@ -485,6 +486,7 @@ class SiprecService:
             max_connections=conf.max_connections,
             idle_timeout_s=conf.tcp_idle_timeout_s,
             on_closed=lambda reason: rejected.labels(SOURCE, reason).inc(),
+            client_tls=client_tls,
         )
         try:
             if "udp" in conf.transports:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from gateway.ingress.siprec.message import ParseError, ParseResult, SipParser
 from gateway.observability.logging import get_logger
 
-__all__ = ["Address", "MessageHandler", "SipTransports", "tls_context"]
+__all__ = ["Address", "MessageHandler", "SipTransports", "tls_client_context", "tls_context"]
 
 log = get_logger("gateway.siprec")
 
@@ -46,6 +46,17 @@ CONNECT_TIMEOUT_S = 5.0  # a new connection for a request whose dialog connectio
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """A server TLS context from PEM files (blocking file reads: call it in a thread)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def tls_client_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    """The context for TLS connections the SRS opens itself: the peer's certificate must chain
+    to ``ca`` (PEM file; empty: the system's trust store) and name the host connected to; our
+    own certificate is offered for peers that ask for one (mutual TLS, common between SBCs).
+    Blocking file reads: call it in a thread."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     return context
@@ -80,10 +91,13 @@ class SipTransports:
         max_connections: int = 1024,
         idle_timeout_s: float = 0.0,
         on_closed: Callable[[str], None] | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
         """``handler`` gets every parsed message or parse error (synchronously, on the loop).
-        ``idle_timeout_s`` 0: connections may stay idle forever."""
+        ``idle_timeout_s`` 0: connections may stay idle forever. ``client_tls``: the context
+        for TLS connections we open (None: requests whose TLS connection is gone are dropped)."""
         self.handler = handler
+        self.client_tls = client_tls
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
@@ -135,9 +149,9 @@ class SipTransports:
     ) -> bool:
         """Write ``data`` to ``destination`` over ``transport``; False if that is impossible.
 
-        Over TCP, when the connection to ``destination`` is gone and ``target`` is given (a
-        request we originate), a new connection to ``target`` carries it (RFC 3261 18.1.1);
-        its responses are read like any connection's.
+        Over TCP or TLS, when the connection to ``destination`` is gone and ``target`` is given
+        (a request we originate), a new connection to ``target`` carries it (RFC 3261 18.1.1;
+        over TLS verified with ``client_tls``); its responses are read like any connection's.
         """
         if self.closed:
             return False
@@ -148,8 +162,11 @@ class SipTransports:
             return True
         writer = self._writers.get((transport, destination))
         if writer is None or writer.is_closing():
-            if transport == "tcp" and target is not None:
-                task = asyncio.get_running_loop().create_task(self._connect(data, target))
+            can_open = transport == "tcp" or (transport == "tls" and self.client_tls is not None)
+            if can_open and target is not None:
+                task = asyncio.get_running_loop().create_task(
+                    self._connect(data, target, transport)
+                )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return True
@@ -163,16 +180,22 @@ class SipTransports:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def _connect(self, data: bytes, target: Address) -> None:
-        """Open a TCP connection to ``target``, send ``data``, then serve it as any other."""
+    async def _connect(self, data: bytes, target: Address, transport: str) -> None:
+        """Open a TCP (or TLS) connection to ``target``, send ``data``, then serve it as any
+        other. A TLS peer whose certificate does not verify gets nothing."""
+        tls = self.client_tls if transport == "tls" else None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                reader, writer = await asyncio.open_connection(target[0], target[1])
-        except (OSError, TimeoutError) as exc:
-            log.warning("siprec.connect_failed", remote=target[0], error=repr(exc))
+                reader, writer = await asyncio.open_connection(
+                    target[0], target[1], ssl=tls, server_hostname=target[0] if tls else None
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            log.warning(
+                "siprec.connect_failed", transport=transport, remote=target[0], error=repr(exc)
+            )
             return
         writer.write(data)
-        await self._connection(reader, writer, "tcp")
+        await self._connection(reader, writer, transport)
 
     async def _connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str
