@@ -41,6 +41,7 @@ from gateway.ingress.siprec.message import (
     header_params,
     parse_name_addr,
 )
+from gateway.ingress.siprec.metadata import split_body
 from gateway.ingress.siprec.sdp import parse_sdp
 from gateway.media.codec import Codec
 from tests.test_siprec_fixtures import fixture_body, invite_for
@@ -759,3 +760,35 @@ def test_headers_and_bodies_that_fail_deeper_down_are_answered_not_raised() -> N
 )
 def test_uri_address(uri: str, address: tuple[str, int] | None) -> None:
     assert uri_address(uri) == address
+
+
+def test_offerless_reinvite_takes_hold_and_resume_from_the_answer_in_the_ack() -> None:
+    # An SRC may re-INVITE without SDP (a session refresh, or a hold done that way): our 200
+    # then carries the offer, and the SRC's answer comes in the ACK: inactive is a hold.
+    srv, _ = server()
+    ok = establish(srv)
+    content_type, body = fixture_body("cisco-siprec-offer.txt")
+    sdp = split_body(content_type, body).sdp
+    assert sdp is not None
+
+    def reinvite_then_ack(cseq: int, ack_type: str | None, ack_body: bytes) -> list[object]:
+        reinvite = in_dialog("INVITE", ok, cseq)
+        out = deliver(srv, reinvite, float(cseq))
+        assert events(out) == []
+        ours = sent(out)[-1]
+        assert ours.status == 200 and ours.headers.get("Content-Type") == "application/sdp"
+        assert [m.port for m in parse_sdp(ours.body).media] == [40000, 40002]
+        ack = ack_for(reinvite, ours)
+        headers = ack.headers.replace("Content-Type", ack_type) if ack_type else ack.headers
+        return events(deliver(srv, SipRequest("ACK", ack.uri, headers, ack_body), cseq + 0.1))
+
+    held = sdp.replace(b"a=sendonly", b"a=inactive")
+    assert [parse_sdp(held).direction_of(i) for i in range(2)] == ["inactive"] * 2
+    assert reinvite_then_ack(2, "application/sdp", held) == [Hold()]
+    assert reinvite_then_ack(3, content_type, body) == [Resume()]  # multipart, as the INVITE
+    # A session refresh: an answer like the last changes nothing, and neither does an ACK that
+    # carries none or a broken one (an ACK cannot be refused).
+    assert reinvite_then_ack(4, "application/sdp", sdp) == []
+    assert reinvite_then_ack(5, None, b"") == []
+    assert reinvite_then_ack(6, "application/sdp", b"v=0\r\nnot sdp\r\n") == []
+    assert reinvite_then_ack(7, "application/sdp", held[: held.rindex(b"m=audio")]) == []  # 1 of 2

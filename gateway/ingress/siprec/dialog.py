@@ -305,6 +305,9 @@ class _Dialog:
     sdp_version: int = 1
     session_id: int = 1
     held: bool = False
+    # An offerless re-INVITE was answered with our SDP as the offer: the SRC's answer (hold or
+    # resume) comes in the ACK of that CSeq (RFC 3264, 3261 13.2.1).
+    offer_in_2xx: int | None = None
     local_cseq: int = 0  # CSeq of requests we send in this dialog (BYE)
     srtp_keys: list[bytes | None] = field(default_factory=list)  # ours, per m-line (answers)
     local_uuid: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -731,7 +734,26 @@ class SiprecServer:
             and dialog.remote_cseq == request.cseq[0]
         ):
             dialog.state = DialogState.CONFIRMED
+            if dialog.offer_in_2xx == request.cseq[0]:
+                dialog.offer_in_2xx = None
+                return self._answer_in_ack(dialog, request)
         return []
+
+    def _answer_in_ack(self, dialog: _Dialog, ack: SipRequest) -> list[Output]:
+        """The SRC's answer to the offer in our 2xx: a hold (inactive) or a resume. An ACK
+        cannot be refused: an answer that does not parse or fit our offer changes nothing."""
+        try:
+            sdp = split_body(ack.content_type, ack.body).sdp
+            answer = parse_sdp(sdp) if sdp is not None else None
+        except (BodyError, SdpError):
+            return []
+        if answer is None or len(answer.media) != len(dialog.negotiated):
+            return []
+        held = self._all_inactive(answer, dialog.negotiated)
+        if held == dialog.held:
+            return []
+        dialog.held = held
+        return [CallEvent(dialog.call_id, Hold() if held else Resume())]
 
     def _cancel(
         self, request: SipRequest, source: Address, transport: str, now: float
@@ -851,6 +873,7 @@ class SiprecServer:
         if request.method == "INVITE":
             dialog.invite = request
             dialog.state = DialogState.CONFIRMING
+            dialog.offer_in_2xx = request.cseq[0] if parts.sdp is None else None
             out.append(self._answer_invite(dialog, request, 200, sdp, now, source, transport))
         else:
             extra: list[tuple[str, str]] = [("Contact", self._contact(transport))]
