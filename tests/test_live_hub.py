@@ -104,32 +104,38 @@ def test_sink_fast_path_keeps_order_with_queued_items() -> None:
     assert sub.pending == 2
 
 
+def _behind_a_gated_store() -> tuple[LiveHub, CallPublisher, asyncio.Event, list[CallEvent]]:
+    """A hub whose store saves only once the gate is set (a stalled store), the publisher of
+    call c1 on it, the gate, and the events saved so far."""
+    gate = asyncio.Event()
+    stored: list[CallEvent] = []
+
+    async def persist(event: CallEvent, extra: object) -> None:
+        await gate.wait()
+        stored.append(event)
+
+    hub = LiveHub(persist=persist)
+    call: Any = SimpleNamespace(call_id="c1")
+    publisher = hub._publishers["c1"] = CallPublisher(hub, call)
+    return hub, publisher, gate, stored
+
+
 async def test_a_subscriber_joining_during_a_save_gets_that_event_once_and_after_it_is_saved() -> (
     None
 ):
     # The publisher has logged the final and is waiting for the store: a subscriber joining now
     # must not get it in its backlog (not saved yet), but live once it is, and only once.
-    gate = asyncio.Event()
-    saved: list[int] = []
-
-    async def persist(event: CallEvent, extra: object) -> None:
-        await gate.wait()
-        saved.append(event.seq)
-
-    hub = LiveHub(persist=persist)
-    call: Any = SimpleNamespace(call_id="c1")
-    publisher = CallPublisher(hub, call)
-    hub._publishers["c1"] = publisher
+    hub, publisher, gate, stored = _behind_a_gated_store()
     publisher.enqueue("call.started", {}, at=0.0)
     publisher.enqueue("turn.final", {"key": "0:0:0", "text": "hi"}, at=0.0)
     await asyncio.sleep(0.01)  # seq 1 is logged and waiting for the store
     subscribed = hub.subscribe("c1", 0)
     assert subscribed is not None
-    assert subscribed.backlog == [] and saved == []
+    assert subscribed.backlog == [] and stored == []
     gate.set()
     await asyncio.sleep(0.01)
     live = [subscribed.sub._queue.get_nowait().seq for _ in range(subscribed.sub.pending)]
-    assert live == [1, 2] and saved == [1, 2]
+    assert live == [1, 2] and [e.seq for e in stored] == [1, 2]
     # Once everything is published, a new subscriber gets it all as backlog.
     late = hub.subscribe("c1", 0)
     assert late is not None and [e.seq for e in late.backlog] == [1, 2]
@@ -153,17 +159,7 @@ async def test_partials_do_not_pile_up_behind_a_stalled_store() -> None:
     # The store hangs (a full disk, a locked database) while a call goes on talking: once a few
     # events wait, each turn waits as one partial with its newest text, and a turn that became
     # final as its final only.
-    gate = asyncio.Event()
-    saved: list[str] = []
-
-    async def persist(event: CallEvent, extra: object) -> None:
-        await gate.wait()
-        saved.append(event.type)
-
-    hub = LiveHub(persist=persist)
-    call: Any = SimpleNamespace(call_id="c1")
-    publisher = CallPublisher(hub, call)
-    hub._publishers["c1"] = publisher
+    hub, publisher, gate, stored = _behind_a_gated_store()
     publisher.enqueue("call.started", {}, at=0.0)
     await asyncio.sleep(0.01)  # call.started is waiting for the store
     full = " ".join(f"w{i}" for i in range(20))
@@ -186,7 +182,7 @@ async def test_partials_do_not_pile_up_behind_a_stalled_store() -> None:
     got = [sub.sub._queue.get_nowait() for _ in range(1 + waiting)]
     assert [e.seq for e in got] == list(range(1, 2 + waiting))
     assert got[0].type == "call.started"
-    assert saved == ["call.started"] + ["turn.final"] * 50
+    assert [e.type for e in stored] == ["call.started"] + ["turn.final"] * 50
     finals = [e.data["key"] for e in got if e.type == "turn.final"]
     assert finals == [f"0:0:{t}" for t in range(50)]
     # Channel 1's turns never became final: each one's last partial has its whole text.

@@ -15,6 +15,7 @@ import contextlib
 import re
 import shutil
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -470,19 +471,7 @@ async def test_call_over_tcp(tmp_path: Path) -> None:
 
 
 async def test_options_over_tls(tmp_path: Path) -> None:
-    if shutil.which("openssl") is None:
-        pytest.fail(
-            "openssl not found: install it with `sudo scripts/install-system-deps.sh`",
-            pytrace=False,
-        )
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    proc = await asyncio.create_subprocess_exec(
-        *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
-        *("-nodes", "-subj", "/CN=localhost", "-days", "1", "-keyout", str(key), "-out", str(cert)),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    assert await proc.wait() == 0
+    cert, key = await _self_signed(tmp_path, "localhost", "DNS:localhost")
     settings = siprec_settings(tmp_path, tls_port=0, tls_cert=str(cert), tls_key=str(key))
     async with siprec_gateway(settings, hello_engine()) as (_gw, svc):
         context = ssl.create_default_context()
@@ -730,6 +719,25 @@ async def test_tcp_connections_are_capped_and_idle_ones_closed(tmp_path: Path) -
             assert value == 1, reason
 
 
+def _answering_sbc(
+    received: asyncio.Queue[SipRequest],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """An SBC's SIP listener (``asyncio.start_server``) that answers every request 200 and
+    puts it on ``received``."""
+
+    async def sbc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser = SipParser()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while chunk := await reader.read(65536):
+                for message in parser.feed(chunk):
+                    if isinstance(message, SipRequest):
+                        received.put_nowait(message)
+                        writer.write(build_response(message, 200, "OK").to_bytes())
+        writer.close()
+
+    return sbc
+
+
 async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_gone(
     tmp_path: Path,
 ) -> None:
@@ -737,17 +745,7 @@ async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_go
     # call (maximum duration): the BYE goes over a new connection to the SBC's Contact (RFC 3261
     # 18.1.1) instead of being dropped, and the SBC's 200 comes back on it.
     received: asyncio.Queue[SipRequest] = asyncio.Queue()
-
-    async def sbc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = SipParser()
-        while chunk := await reader.read(65536):
-            for message in parser.feed(chunk):
-                if isinstance(message, SipRequest):
-                    received.put_nowait(message)
-                    writer.write(build_response(message, 200, "OK").to_bytes())
-        writer.close()
-
-    listener = await asyncio.start_server(sbc, "127.0.0.1", 0)
+    listener = await asyncio.start_server(_answering_sbc(received), "127.0.0.1", 0)
     contact_port = int(listener.sockets[0].getsockname()[1])
     base = siprec_settings(tmp_path)
     settings = base.model_copy(update={"calls": base.calls.model_copy(update={"max_call_s": 1.0})})
@@ -875,20 +873,9 @@ async def test_our_bye_over_tls_opens_a_verified_connection_when_the_dialog_one_
     gw_cert, gw_key = await _self_signed(tmp_path, "srs", "DNS:localhost")
     sbc_cert, sbc_key = await _self_signed(tmp_path, "sbc", "IP:127.0.0.1")
     received: asyncio.Queue[SipRequest] = asyncio.Queue()
-
-    async def sbc(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parser = SipParser()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            while chunk := await reader.read(65536):
-                for message in parser.feed(chunk):
-                    if isinstance(message, SipRequest):
-                        received.put_nowait(message)
-                        writer.write(build_response(message, 200, "OK").to_bytes())
-        writer.close()
-
     sbc_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     sbc_tls.load_cert_chain(sbc_cert, sbc_key)
-    listener = await asyncio.start_server(sbc, "127.0.0.1", 0, ssl=sbc_tls)
+    listener = await asyncio.start_server(_answering_sbc(received), "127.0.0.1", 0, ssl=sbc_tls)
     contact_port = int(listener.sockets[0].getsockname()[1])
     base = siprec_settings(
         tmp_path,

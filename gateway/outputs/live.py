@@ -193,7 +193,7 @@ class CallPublisher:
         self, type_: str, data: dict[str, Any], describe: _Document | None = None, *, at: float
     ) -> None:
         """Queue one described event for the task (partials coalesced, see the class)."""
-        behind = len(self._pending) - self._voided >= _COALESCE_AFTER
+        behind = self.backlog >= _COALESCE_AFTER
         if type_ == "turn.partial":
             waiting = self._waiting_partials.get(data["key"])
             if waiting is not None and behind:
@@ -335,8 +335,12 @@ class LiveHub:
         if publisher is None:
             if call.call_id in self._finished:
                 return
-            publisher = self._publishers[call.call_id] = CallPublisher(self, call)
+            publisher = self._open(call)
         publisher.offer(call, output)
+
+    def _open(self, call: Call) -> CallPublisher:
+        publisher = self._publishers[call.call_id] = CallPublisher(self, call)
+        return publisher
 
     async def finished(self, call_id: str) -> None:
         """Wait until the call's events are all published; keep its log among the recent."""
@@ -405,7 +409,7 @@ class LiveHub:
         if publisher is None:
             if call is None or call.state is not CallState.NEW:
                 return None
-            publisher = self._publishers[call_id] = CallPublisher(self, call)
+            publisher = self._open(call)
         log = publisher.log
         published = publisher.published_seq
         backlog = [event for event in log.after(after) if event.seq <= published]

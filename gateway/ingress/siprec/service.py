@@ -474,9 +474,11 @@ class SiprecService:
         address = conf.media_address or await asyncio.to_thread(_primary_address, conf.host)
         tls = client_tls = None
         if conf.tls_cert and conf.tls_key:
-            tls = await asyncio.to_thread(tls_context, conf.tls_cert, conf.tls_key)
-            client_tls = await asyncio.to_thread(
-                tls_client_context, conf.tls_cert, conf.tls_key, conf.tls_ca
+            tls, client_tls = await asyncio.to_thread(
+                lambda: (
+                    tls_context(conf.tls_cert, conf.tls_key),
+                    tls_client_context(conf.tls_cert, conf.tls_key, conf.tls_ca),
+                )
             )
         self._ports = RtpPorts(conf.host, conf.rtp_port_min, conf.rtp_port_max, loop=self._loop)
         rejected = self.metrics.streams_rejected

@@ -45,10 +45,7 @@ CONNECT_TIMEOUT_S = 5.0  # a new connection for a request whose dialog connectio
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
     """A server TLS context from PEM files (blocking file reads: call it in a thread)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+    return _context(ssl.Purpose.CLIENT_AUTH, cert, key)
 
 
 def tls_client_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
@@ -56,7 +53,11 @@ def tls_client_context(cert: str, key: str, ca: str = "") -> ssl.SSLContext:
     to ``ca`` (PEM file; empty: the system's trust store) and name the host connected to; our
     own certificate is offered for peers that ask for one (mutual TLS, common between SBCs).
     Blocking file reads: call it in a thread."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+    return _context(ssl.Purpose.SERVER_AUTH, cert, key, ca)
+
+
+def _context(purpose: ssl.Purpose, cert: str, key: str, ca: str = "") -> ssl.SSLContext:
+    context = ssl.create_default_context(purpose, cafile=ca or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     return context
