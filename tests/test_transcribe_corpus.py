@@ -40,6 +40,20 @@ KNOWN: dict[tuple[str, int], tuple[str, str]] = {
     ),
 }
 
+# (call, reference start ms) -> evidence. Turns that tiny.en finds or loses depending on where
+# the channel's audio starts by a few milliseconds (bench/alignment.py). Paths that place audio
+# by the source's timestamps or sample counts (files, Twilio, AudioHook, stereo PCM) start every
+# channel at the same sample and must find them; SIPREC anchors each RTP stream at its first
+# packet's arrival, which moves by a few samples from run to run, so its live test accepts either
+# outcome.
+ALIGNMENT_SENSITIVE: dict[tuple[str, int], str] = {
+    ("mfa_two_michaels", 26723): (
+        "tiny.en garbles 'than the uh uh acoustic corpus' on the sick speaker's 9 s turn, so "
+        "barely half its words match; bench/alignment.py: lost at 1 of 22 offsets of channel 1 "
+        "(0-64 ms), and at 2 of 26 shifts of the whole call (0-97 ms)"
+    ),
+}
+
 
 async def transcribe(engine: LocalEngine, name: str) -> Transcript:
     call = Call(engine, CallOptions(roles=("customer", "agent"), partials=False), call_id=name)
@@ -56,8 +70,14 @@ async def test_corpus_call_meets_order_wer_and_timing_bars(
     await assert_meets_bars(name, transcript)
 
 
-async def assert_meets_bars(name: str, transcript: Transcript) -> None:
-    """The issue's bars for a corpus call: turns found (but KNOWN), roles, order, WER, timing."""
+async def assert_meets_bars(
+    name: str, transcript: Transcript, *, arrival_aligned: bool = False
+) -> None:
+    """The issue's bars for a corpus call: turns found (but KNOWN), roles, order, WER, timing.
+
+    ``arrival_aligned``: the channels were placed by packet arrival (SIPREC), so the turns in
+    ``ALIGNMENT_SENSITIVE`` may be missing; when found they are held to the timing bar.
+    """
     reference = await asyncio.to_thread(load_reference, CALLS / f"{name}.truth.json")
     assert reference, f"{name} has no reference turns"
     report = score(reference, transcript)
@@ -70,6 +90,8 @@ async def assert_meets_bars(name: str, transcript: Transcript) -> None:
         ms for (call, ms), (kind, _) in KNOWN.items() if call == name and kind == "timing"
     }
     missing = {t.start_ms for t in report.missing}
+    if arrival_aligned:
+        missing -= {ms for call, ms in ALIGNMENT_SENSITIVE if call == name}
     assert missing == known_missing, summary
 
     late: set[int] = set()
