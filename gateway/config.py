@@ -389,6 +389,9 @@ class StereoWsSettings(_Section):
     max_message_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     # A new stream with the same callSid (jambonz) within this time continues the call (s).
     reconnect_grace_s: float = Field(0.0, ge=0, le=600)
+    # Audio is handed on in blocks of this many ms (0: every frame): the clock and STT then
+    # work per block, not per 20 ms frame. Up to stt.assemblyai.chunk_ms it adds no delay.
+    batch_ms: int = Field(100, ge=0, le=1000)
 
     @field_validator("path")
     @classmethod

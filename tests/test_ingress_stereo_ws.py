@@ -134,3 +134,56 @@ def test_message_too_large() -> None:
 
 def test_nothing_before_start_ends_nothing() -> None:
     assert StereoStreamDecoder().close() == []
+
+
+def _stereo_frame(left: int, right: int, samples: int = 160) -> bytes:
+    """One interleaved frame (20 ms at 8 kHz by default) of two constant channels."""
+    return (left.to_bytes(2, "little") + right.to_bytes(2, "little")) * samples
+
+
+def test_batched_audio_is_handed_on_per_batch() -> None:
+    decoder = StereoStreamDecoder(batch_ms=100)
+    decoder.receive_text(json.dumps({"sampleRate": 8000}))
+    frames = [_stereo_frame(i, 100 + i) for i in range(1, 6)]
+    for frame in frames[:4]:
+        assert decoder.receive_binary(frame) == []
+    # Received, though still waiting: the rate guard counts it.
+    assert decoder.media_ms_received == 80.0
+    left, right = decoder.receive_binary(frames[4])
+    assert left == Audio(0, b"".join(i.to_bytes(2, "little") * 160 for i in range(1, 6)))
+    assert right == Audio(1, b"".join((100 + i).to_bytes(2, "little") * 160 for i in range(1, 6)))
+    assert decoder.receive_binary(frames[0]) == []
+
+
+def test_batched_audio_comes_before_a_dtmf_and_at_close() -> None:
+    decoder = StereoStreamDecoder(batch_ms=100)
+    decoder.receive_text(json.dumps({"sampleRate": 8000}))
+    decoder.receive_binary(_stereo_frame(1, 2))
+    # Half a sample frame waits too; it is not handed on until the frame is whole.
+    decoder.receive_binary(_stereo_frame(3, 4) + b"\x05\x00")
+    assert decoder.receive_text(json.dumps({"event": "dtmf", "dtmf": "9"})) == [
+        Audio(0, b"\x01\x00" * 160 + b"\x03\x00" * 160),
+        Audio(1, b"\x02\x00" * 160 + b"\x04\x00" * 160),
+        Dtmf(0, "9"),
+    ]
+    decoder.receive_binary(b"\x06\x00")
+    assert decoder.close() == [Audio(0, b"\x05\x00"), Audio(1, b"\x06\x00"), CallEnded("hangup")]
+
+
+def test_batched_audio_survives_a_refused_text_frame() -> None:
+    decoder = StereoStreamDecoder(batch_ms=100, max_message_bytes=1024)
+    decoder.receive_text("{}")
+    decoder.receive_binary(_stereo_frame(7, 8))
+    with pytest.raises(StereoWsProtocolError):
+        decoder.receive_text("x" * 2000)
+    # The shell hands on what was received before the bad frame, then closes the stream.
+    assert decoder.flush() == [Audio(0, b"\x07\x00" * 160), Audio(1, b"\x08\x00" * 160)]
+    assert decoder.flush() == []
+
+
+def test_the_first_binary_frame_is_handed_on_at_once() -> None:
+    # A stream without metadata starts the call at its first frame; that frame is not held.
+    decoder = StereoStreamDecoder(batch_ms=100)
+    started, left, right = decoder.receive_binary(_stereo_frame(1, 2))
+    assert isinstance(started, CallStarted)
+    assert (left, right) == (Audio(0, b"\x01\x00" * 160), Audio(1, b"\x02\x00" * 160))

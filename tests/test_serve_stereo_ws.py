@@ -148,6 +148,29 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path) -> None:
             assert value == 1, name
 
 
+async def test_audio_still_in_the_batch_is_kept_when_the_stream_ends(tmp_path: Path) -> None:
+    # The handler hands audio on in 100 ms batches; 1.06 s is not a whole number of them. The
+    # rest must reach the call whether the peer closes or the stream is closed for bad input.
+    async with running_gateway(ingress_settings_for(tmp_path), hello_engine()) as gw:
+        for sid, last in (("CACLOSED", None), ("CABAD", "x" * 70_000)):
+            async with aiohttp.ClientSession() as session:
+                ws = await session.ws_connect(
+                    gw.ws(PATH), headers={"X-Callgate-Secret": STEREO_SECRET}
+                )
+                await ws.send_str(json.dumps({"sampleRate": 8000, "callSid": sid}))
+                for _ in range(53):
+                    await ws.send_bytes(b"\x00\x00" * 2 * 160)
+                if last is not None:
+                    await ws.send_str(last)
+                    msg = await ws.receive()
+                    assert msg.type is aiohttp.WSMsgType.CLOSE and msg.data == 1009, msg
+                await ws.close()
+        await gw.idle()
+        for sid in ("CACLOSED", "CABAD"):
+            doc = await gw.transcript(sid)
+            assert doc["duration_ms"] == 1060, sid
+
+
 async def test_audio_far_faster_than_real_time_closes_the_stream(tmp_path: Path) -> None:
     # 4 s of stereo frames at once, against 1.5x real time plus a 1 s burst: rate_exceeded,
     # checked on the per-frame fast path of a started call.

@@ -153,6 +153,7 @@ class StereoWsHandler:
             },
             query={k: v for k, v in request.query.items() if k != "token"},
             max_message_bytes=self.conf.max_message_bytes,
+            batch_ms=self.conf.batch_ms,
         )
         stream = _Stream(self, ws, request, decoder)
         with self.keepalive.watching(stream.link, SOURCE):
@@ -212,16 +213,30 @@ class _Stream:
                     for event in events:
                         await self._event(event)
                 except (StereoWsProtocolError, StreamError) as exc:
+                    await self._hand_on(self.decoder.flush())
                     await self._fail(exc.reason, str(exc))
                     detach_reason = "stream_error"
                     break
             else:
-                self.decoder.close()  # CallEnded: the call ends when the stream detaches
+                # The batch's audio; CallEnded: the call ends when the stream detaches.
+                await self._hand_on(self.decoder.close())
         finally:
             detach_reason = link.dropped or detach_reason
             self.counter.flush()
             if self.live is not None:
                 self.live.detach(self.link, detach_reason)
+
+    async def _hand_on(self, events: list[IngressEvent]) -> None:
+        """The audio the decoder still held in its batch goes to the call before the stream
+        ends; a call that refuses it (it ended, it failed) is left alone."""
+        if self.live is None:
+            return
+        for event in events:
+            if type(event) is Audio:
+                try:
+                    await self._audio(event)
+                except StreamError:
+                    return
 
     async def _fail(self, reason: str, detail: str) -> None:
         self.h.metrics.stream_errors.labels(SOURCE, reason).inc()
