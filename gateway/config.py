@@ -208,6 +208,9 @@ class MediaStreamSettings(_Section):
     max_message_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024)
     # A new stream of the same call (redirect) within this time continues the call (s).
     redirect_grace_s: float = Field(2.0, ge=0, le=600)
+    # Each track's consecutive frames go on to the call in blocks of this many ms (0: every
+    # frame). Up to stt.assemblyai.chunk_ms it adds no delay (AudioBatcher).
+    batch_ms: int = Field(100, ge=0, le=1000)
 
     @field_validator("path")
     @classmethod

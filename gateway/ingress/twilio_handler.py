@@ -25,6 +25,7 @@ from gateway.calls.call import CallError
 from gateway.calls.live import LiveCall, StreamPlacement
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.config import MediaStreamSettings, Settings
+from gateway.ingress.audio_batcher import AudioBatcher
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Dtmf, IngressEvent
 from gateway.ingress.keepalive import StreamKeepalive
 from gateway.ingress.twilio import Dialect, TwilioDecoder, TwilioProtocolError
@@ -188,6 +189,7 @@ class _Stream:
         # Counted here, added to the Prometheus counters in batches: two locked counter
         # increments per frame were a measurable share of the per-frame cost.
         self.counter = MediaCounter(handler._metrics, handler.dialect)
+        self.batcher: AudioBatcher | None = None  # at start, when the codec is known
 
     async def run(self) -> None:
         detach_reason = "disconnected"
@@ -218,17 +220,20 @@ class _Stream:
                     break
         finally:
             detach_reason = link.dropped or detach_reason
-            await self._flush_reorder()
+            await self._flush_held()
             self.counter.flush()
             if self.live is not None:
                 self.live.detach(self.link, detach_reason)
 
-    async def _flush_reorder(self) -> None:
-        if self.live is None or self.decoder.pending_frames == 0:
+    async def _flush_held(self) -> None:
+        """The stream ends: frames still in the reorder buffer and the batch go to the call."""
+        if self.live is None:
             return
         try:
             for event in self.decoder.flush():
-                await self._event(event)
+                if type(event) is Audio:
+                    await self._batched(event)
+            await self._flush_batch()
         except (StreamError, CallError, TimestampJump):
             pass  # the stream is already closing; held frames of a broken stream are dropped
 
@@ -249,14 +254,31 @@ class _Stream:
         """Handle one message; True once the stream has said stop."""
         for event in self.decoder.receive(data):
             if type(event) is Audio:  # the hot path: every 20 ms frame
-                await self._audio(event)
-            elif await self._event(event):
-                return True
+                await self._batched(event)
+            else:
+                await self._flush_batch()  # audio before a DTMF or the stop lands first
+                if await self._event(event):
+                    return True
         return False
+
+    async def _batched(self, event: Audio) -> None:
+        """One frame from the decoder: counted, then on to the call in its block."""
+        self.counter.add(len(event.payload))
+        batcher = self.batcher
+        if batcher is None:
+            await self._audio(event)
+            return
+        for block in batcher.push(event):
+            await self._audio(block)
+
+    async def _flush_batch(self) -> None:
+        if self.batcher is not None and self.live is not None:
+            for block in self.batcher.flush():
+                await self._audio(block)
 
     async def _event(self, event: IngressEvent) -> bool:
         if isinstance(event, Audio):
-            await self._audio(event)
+            await self._batched(event)
             return False
         if isinstance(event, CallStarted):
             await self._start(event)
@@ -274,7 +296,6 @@ class _Stream:
         assert live is not None and placement is not None
         if placement.replaced:
             return  # a newer stream of this call took over its channels
-        self.counter.add(len(event.payload))
         self.rate.check(self.decoder.timeline_ms)
         now = time.monotonic()
         if live.first_media_at is None:
@@ -291,6 +312,11 @@ class _Stream:
     async def _start(self, started: CallStarted) -> None:
         h = self.h
         self.rate.start()
+        codec = self.decoder.codec
+        if h.conf.batch_ms and codec is not None:
+            self.batcher = AudioBatcher(
+                h.conf.batch_ms, self.decoder.sample_rate, codec.sample_width
+            )
         params = started.metadata
         secret_key = f"param.{h.conf.secret_parameter}"
         if h._secret and not self.query_secret_ok:
