@@ -263,13 +263,28 @@ async def test_bad_input_closes_only_its_stream(tmp_path: Path, name: str, code:
 
 async def test_a_bad_stream_keeps_the_audio_it_delivered(tmp_path: Path) -> None:
     async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
-        messages = call_messages("CAKEEP", 1.0)[:-1] + ['{"event": "media", "media": {']
+        # 1.06 s: not a whole number of the handler's 100 ms batches; the rest is kept too.
+        messages = call_messages("CAKEEP", 1.06)[:-1] + ['{"event": "media", "media": {']
         closed = await send_messages(gw.ws(), messages)
         assert closed.code == 1008
         await gw.idle()
         doc = await gw.transcript("CAKEEP")
         assert doc["end_reason"] == "stream_error"
+        assert doc["duration_ms"] == 1060
         assert by_role(doc) == {"customer": "hello there", "agent": "hello there"}
+
+
+async def test_a_stream_gone_without_stop_keeps_its_last_frames(tmp_path: Path) -> None:
+    async with running_gateway(settings_for(tmp_path), hello_engine()) as gw:
+        url = gw.ws()
+        async with aiohttp.ClientSession() as session:
+            signature = {"X-Twilio-Signature": compute_signature(TOKEN, url)}
+            async with session.ws_connect(url, headers=signature) as ws:
+                for message in call_messages("CAGONE", 1.06)[:-1]:  # no stop
+                    await ws.send_str(message)
+        await gw.idle()
+        doc = await gw.transcript("CAGONE")
+        assert doc["duration_ms"] == 1060
 
 
 # -- redirects, TwiML, drain ----------------------------------------------------------------------
