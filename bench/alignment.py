@@ -48,10 +48,8 @@ def shifted_call(src: Path, dst: Path, channel: int, offset_ms: int) -> None:
     """``src`` (stereo 8 kHz L16) through PCMU, as SIPREC carries it, with ``channel`` delayed
     by ``offset_ms`` of silence and the other channel padded at the end to the same length."""
     with wave.open(str(src)) as w:
-        frames = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, 2)
+        pcm = decode(Codec.PCMU, encode(Codec.PCMU, w.readframes(w.getnframes())))
         rate = w.getframerate()
-    pcm = frames.astype("<i2").tobytes()
-    pcm = decode(Codec.PCMU, encode(Codec.PCMU, pcm))
     frames = np.frombuffer(pcm, "<i2").reshape(-1, 2)
     pad = np.zeros((rate * offset_ms // 1000,), "<i2")
     cols = [frames[:, 0], frames[:, 1]]

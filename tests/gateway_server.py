@@ -240,6 +240,16 @@ AUDIOHOOK_SECRET = "c2VjcmV0LWZvci1hdWRpb2hvb2stdGVzdHMtMDEyMzQ1"  # base64
 STEREO_SECRET = "stereo-shared-secret"
 
 
+async def expect_replaced(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """The gateway closes ``ws`` because a newer stream of its call took over (1000, replaced)."""
+    closing = await ws.receive(timeout=10)
+    assert (closing.type, closing.data, closing.extra) == (
+        aiohttp.WSMsgType.CLOSE,
+        1000,
+        "replaced",
+    )
+
+
 def ingress_settings_for(data_dir: Path, **sections: dict[str, Any]) -> Settings:
     """:func:`settings_for` plus an AudioHook key with a client secret and a stereo-WS shared
     secret; calls end as soon as their stream does (no reconnect grace)."""

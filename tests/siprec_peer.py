@@ -346,6 +346,18 @@ async def establish(
     return dialog, ok
 
 
+async def establish_stream(client: SipTcpClient, dialog: Dialog) -> SipResponse:
+    """:func:`establish` over a TCP or TLS connection: INVITE -> 100, 200 -> ACK (drained);
+    returns the 200."""
+    client.send(dialog.invite())
+    await client.expect(100)
+    ok = await client.expect(200)
+    dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+    client.send(dialog.ack())
+    await client.writer.drain()
+    return ok
+
+
 # -- RTP ---------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from gateway.simulate.stereo_ws import StereoWsOptions, simulate_stereo_ws
 from tests.gateway_server import (
     STEREO_SECRET,
     by_role,
+    expect_replaced,
     hello_engine,
     ingress_settings_for,
     metric,
@@ -320,12 +321,7 @@ async def test_a_reconnect_while_the_old_connection_lingers_replaces_it(tmp_path
                 await old.send_bytes(b"\x00\x00" * 2 * 160)
             await poll_until(lambda: gw.registry.find("stereo_ws", "CAHALF") is not None)
             new = asyncio.create_task(_stream_seconds(url, "CAHALF", 1.0))
-            closing = await old.receive(timeout=10)
-            assert (closing.type, closing.data, closing.extra) == (
-                aiohttp.WSMsgType.CLOSE,
-                1000,
-                "replaced",
-            )
+            await expect_replaced(old)
             await old.close()
             await new
         await gw.idle(within_s=15)

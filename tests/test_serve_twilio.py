@@ -25,6 +25,7 @@ from tests.gateway_server import (
     by_role,
     call_messages,
     connected,
+    expect_replaced,
     hello_engine,
     media,
     metric,
@@ -657,12 +658,7 @@ async def test_a_continuation_while_the_old_stream_is_attached_replaces_it(tmp_p
             await poll_until(lambda: gw.registry.find("twilio", "CAREPL") is not None)
             second = call_messages("CAREPL", 1.0, stream_sid="MZ00000000000000000000000000000002")
             new = asyncio.create_task(send_messages(url, second))
-            closing = await old.receive(timeout=10)
-            assert (closing.type, closing.data, closing.extra) == (
-                aiohttp.WSMsgType.CLOSE,
-                1000,
-                "replaced",
-            )
+            await expect_replaced(old)
             await old.close()
             closed = await new
             assert (closed.code, closed.reason) == (1000, "stop"), closed

@@ -45,6 +45,7 @@ from tests.siprec_peer import (
     SipUdpClient,
     answer_ports,
     establish,
+    establish_stream,
     multipart,
     play_rtp,
     rs_metadata,
@@ -451,12 +452,8 @@ async def test_call_over_tcp(tmp_path: Path) -> None:
         port = svc.sip_ports["tcp"]
         client = await SipTcpClient.open(port)
         dialog = client.dialog(("127.0.0.1", port))
-        client.send(dialog.invite())
-        await client.expect(100)
-        ok = await client.expect(200)
-        dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
+        ok = await establish_stream(client, dialog)
         assert "transport=tcp" in (ok.headers.get("Contact") or "")
-        client.send(dialog.ack())
         await play_rtp([("127.0.0.1", p) for p in answer_ports(ok)], [SILENCE, SILENCE], speed=4.0)
         client.send(dialog.bye())
         await client.expect(200)
@@ -755,12 +752,7 @@ async def test_our_bye_over_tcp_opens_a_new_connection_when_the_dialog_one_is_go
             client = await SipTcpClient.open(port)
             dialog = client.dialog(("127.0.0.1", port))
             dialog.local = ("127.0.0.1", contact_port)  # our Contact: the SBC's listener
-            client.send(dialog.invite())
-            await client.expect(100)
-            ok = await client.expect(200)
-            dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
-            client.send(dialog.ack())
-            await client.writer.drain()
+            await establish_stream(client, dialog)
             client.close()
             bye = await asyncio.wait_for(received.get(), 5.0)
             assert bye.method == "BYE" and bye.call_id == dialog.call_id
@@ -896,12 +888,7 @@ async def test_our_bye_over_tls_opens_a_verified_connection_when_the_dialog_one_
             dialog = client.dialog(("127.0.0.1", port))
             dialog.transport = "TLS"
             dialog.local = ("127.0.0.1", contact_port)  # our Contact: the SBC's TLS listener
-            client.send(dialog.invite())
-            await client.expect(100)
-            ok = await client.expect(200)
-            dialog.to_tag = parse_name_addr(ok.headers.get("To") or "").tag
-            client.send(dialog.ack())
-            await client.writer.drain()
+            await establish_stream(client, dialog)
             client.close()
             if trusted:
                 bye = await asyncio.wait_for(received.get(), 5.0)

@@ -277,9 +277,7 @@ class _Stream:
                 await self._audio(block)
 
     async def _event(self, event: IngressEvent) -> bool:
-        if isinstance(event, Audio):
-            await self._batched(event)
-            return False
+        """A non-audio event (audio goes through :meth:`_batched`); True at the stop."""
         if isinstance(event, CallStarted):
             await self._start(event)
             return False
