@@ -9,6 +9,8 @@ channel, at its call time within 20 ms.
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -24,7 +26,7 @@ from gateway.media.codec import Codec
 from gateway.stt.assemblyai import AssemblyAIEngine, AssemblyAISession
 from gateway.stt.scripted import ScriptedEngine, parse_script, timecode_audio
 from gateway.stt.session import SessionParams, SttError
-from gateway.stt.v3_protocol import encode_server_message
+from gateway.stt.v3_protocol import Begin, encode_server_message
 from gateway.stt.v3_server import Fault, V3Server, V3ServerOptions, make_app, turn_messages
 from gateway.transcript.model import Transcript, TurnUpdate
 from tests.gateway_server import poll_until
@@ -537,3 +539,44 @@ async def test_a_long_stretch_without_turns_is_not_kept_or_replayed_whole() -> N
     assert 5 <= kept_s < 6, kept_s
     # 35 s of audio arrived once, and at most ~7 s of it twice (the replay after the drop).
     assert server.stats.audio_bytes <= 2 * RATE * 42, server.stats.audio_bytes
+
+
+async def test_audio_waits_in_the_session_while_the_service_is_not_reading() -> None:
+    # Flow control: once the socket has unsent data, chunks wait in the session (its backlog,
+    # ``queued_ms``, kept for a replay) until the socket drains; they are not written on
+    # regardless, piling up unbounded in the transport where no backlog figure sees them.
+    stalled = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(encode_server_message(Begin("stalled", time.time() + 3600)))
+        await stalled.wait()  # never reads again: its socket buffers fill, then ours
+        return ws
+
+    rate = 48_000  # 96 KB/s of L16: past the socket buffers within the pacer's 60 s lead
+    seconds = 60
+    runner = web.AppRunner(v3_app(handle))
+    await runner.setup()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted sockets inherit it
+    sock.bind(("127.0.0.1", 0))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    url = f"ws://127.0.0.1:{sock.getsockname()[1]}/v3/ws"
+    try:
+        engine = AssemblyAIEngine(client_settings(url, max_catchup_ms=60_000))
+        session = engine.open_session(SessionParams(0, Codec.L16, rate))
+        block = b"\1\0" * (rate // 10)
+        for _ in range(seconds * 10):
+            await session.send(block)
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.5)
+        backlog_ms = session.queued_ms
+        stalled.set()
+        await session.aclose()
+    finally:
+        await runner.cleanup()
+    # What left the session fits the socket buffers (the peer's is 4 KB; ours grows to ~4 MB,
+    # about 35 s here): the rest, ~25 s, waits in the session. Written regardless: 0.
+    assert backlog_ms >= 10_000, backlog_ms

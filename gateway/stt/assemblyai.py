@@ -33,6 +33,7 @@ from enum import Enum
 import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from gateway.config import AssemblyAISettings
 from gateway.media import codec as codecs
@@ -179,6 +180,9 @@ class AssemblyAISession:
         self.finals_seen = 0  # finals delivered (a connection that made any made progress)
         self._more = asyncio.Event()
         self._wake_at = 0  # sample index at which the sender has a whole chunk to send
+        # The connection whose sender task waits, caught up, for the next chunk: send() may
+        # send for it (None while the task is busy, pacing, rolling over or finishing).
+        self._parked: _Conn | None = None
         self._finishing = False
         self._last_final_end_ms = -1
         self._epoch = 0
@@ -208,7 +212,11 @@ class AssemblyAISession:
         if self._engine.on_chunk_sent is not None:
             self._arrivals.append((start, self._received, time.monotonic()))
         if self._received >= self._wake_at:
-            self._more.set()  # a whole chunk is ready: wake the sender (not for every frame)
+            # A whole chunk is ready (not on every frame): a caught-up connection sends it right
+            # here; otherwise the sender task decides.
+            conn = self._parked
+            if conn is None or not conn.send_now():
+                self._more.set()
 
     async def finish(self) -> None:
         self._finishing = True
@@ -523,6 +531,8 @@ class _Conn:
         self.offset = session._kept_start  # samples: the first sample this session is sent
         self.offset_ms = session._ms(self.offset)
         self.sent = self.offset  # samples sent on this connection (absolute index)
+        self.queued = self.offset  # absolute sample index fed to the chunker so far
+        self.audio_ms = 0.0  # audio sent on this connection, for the pacer
         settings = session.settings
         self.chunker = AudioChunker(
             session.params.sample_rate,
@@ -542,56 +552,113 @@ class _Conn:
 
     async def send_loop(self) -> None:
         s = self.s
-        queued = self.offset  # absolute sample index fed to the chunker so far
-        audio_ms = 0.0
         s._more.set()  # a new connection starts by replaying what is kept
-        while True:
-            await s._more.wait()
-            s._more.clear()
+        try:
             while True:
-                queued = max(queued, s._kept_start)
-                start = (queued - s._kept_start) * s._width
-                data = bytes(s._kept[start:])
-                queued += len(data) // s._width
-                chunks = self.chunker.push(data) if data else []
-                if s._finishing and queued >= s._received:
-                    tail = self.chunker.flush()
-                    if tail is not None:
-                        chunks.append(tail)
-                for chunk in chunks:
-                    if self._expiring():
-                        # A turn boundary close to expiry: hand over to a fresh session, which
-                        # replays everything after the last final (this chunk included).
-                        await self._roll_over()
-                        return
-                    if audio_ms == 0:
-                        # The service's real-time check starts at the first audio: time spent
-                        # connected without any is no credit to send faster.
-                        self.pacer.reset(time.monotonic())
-                    audio_ms += len(chunk) / s._width * 1000 / s.params.sample_rate
-                    delay = self.pacer.due(audio_ms) - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await self.ws.send(chunk)
-                    first = self.sent
-                    self.sent += len(chunk) // s._width
-                    s._on_socket = max(s._on_socket, self.sent)
-                    s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
-                    s._measure(first, self.sent)
-                    s._forget_heard(self.open_turn_start, self.sent)
-                if queued >= s._received:
-                    if s._finishing and self.chunker.pending_bytes:
-                        continue  # finish() came while sending: the partial tail goes too
-                    pending = self.chunker.pending_bytes // s._width
-                    s._wake_at = queued - pending + self.chunker.chunk_samples
-                    break
-            if s._finishing and queued >= s._received:
-                await self.ws.send(encode_client_message(Terminate()))
-                self.terminated.set()
-                return
-            if self._expiring():
-                await self._roll_over()
-                return
+                # Park only once audio has flowed: the first chunk resets the pacer.
+                s._parked = self if self.audio_ms else None
+                await s._more.wait()
+                s._parked = None
+                s._more.clear()
+                while True:
+                    for chunk in self._take():
+                        if self._expiring():
+                            # A turn boundary close to expiry: hand over to a fresh session,
+                            # which replays everything after the last final (this chunk too).
+                            await self._roll_over()
+                            return
+                        if self.audio_ms == 0:
+                            # The service's real-time check starts at the first audio: time
+                            # spent connected without any is no credit to send faster.
+                            self.pacer.reset(time.monotonic())
+                        self.audio_ms += self.chunker.ms_of(len(chunk))
+                        delay = self.pacer.due(self.audio_ms) - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        await self.ws.send(chunk)
+                        self._sent(chunk)
+                    if self.queued >= s._received:
+                        if s._finishing and self.chunker.pending_bytes:
+                            continue  # finish() came while sending: the partial tail goes too
+                        self._rearm()
+                        break
+                if s._finishing and self.queued >= s._received:
+                    await self.ws.send(encode_client_message(Terminate()))
+                    self.terminated.set()
+                    return
+                if self._expiring():
+                    await self._roll_over()
+                    return
+        finally:
+            if s._parked is self:
+                s._parked = None
+
+    def send_now(self) -> bool:
+        """Send the whole chunks waiting, here and now, for the parked sender task: the steady
+        state of a live channel, without a task switch and a send context per chunk.
+
+        Returns False, having changed nothing, whenever the task must decide instead: finishing,
+        close to expiry, a chunk not yet due by the pacer, a socket closing or with unsent data
+        (flow control: the task's ``send`` waits for it to drain). Frames go through the
+        connection's sans-I/O protocol, as ``send`` would put them.
+        """
+        s = self.s
+        ws = self.ws
+        transport = ws.transport
+        protocol = ws.protocol
+        if (
+            s._finishing
+            or protocol.state is not State.OPEN
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or self._expiring()
+        ):
+            return False
+        chunker = self.chunker
+        waiting = chunker.pending_bytes + (s._received - max(self.queued, s._kept_start)) * s._width
+        count = waiting // chunker.chunk_bytes
+        last_start_ms = self.audio_ms + (count - 1) * chunker.ms_of(chunker.chunk_bytes)
+        if count and self.pacer.earliest(last_start_ms) > time.monotonic():
+            return False
+        for chunk in self._take():
+            self.audio_ms += chunker.ms_of(len(chunk))
+            self.pacer.due(self.audio_ms)  # on time (checked above); keeps the pacer's count
+            protocol.send_binary(chunk)
+            for data in protocol.data_to_send():
+                transport.write(data)
+            self._sent(chunk)
+        self._rearm()
+        return True
+
+    def _take(self) -> list[bytes]:
+        """The whole chunks of the audio received since the last call (finishing: the tail
+        too, padded), from the replay buffer; ``queued`` moves past it."""
+        s = self.s
+        queued = max(self.queued, s._kept_start)
+        data = s._kept[(queued - s._kept_start) * s._width :]
+        self.queued = queued + len(data) // s._width
+        chunks = self.chunker.push(data) if data else []
+        if s._finishing and self.queued >= s._received:
+            tail = self.chunker.flush()
+            if tail is not None:
+                chunks.append(tail)
+        return chunks
+
+    def _sent(self, chunk: bytes) -> None:
+        """``chunk`` is on the socket: account for it, report its delay, let go of heard audio."""
+        s = self.s
+        first = self.sent
+        self.sent += len(chunk) // s._width
+        s._on_socket = max(s._on_socket, self.sent)
+        s._emit_watermark(self.open_turn_start, min(self.sent, s._received))
+        s._measure(first, self.sent)
+        s._forget_heard(self.open_turn_start, self.sent)
+
+    def _rearm(self) -> None:
+        """Wake the sender (or send now) when the next whole chunk has arrived."""
+        s = self.s
+        pending = self.chunker.pending_bytes // s._width
+        s._wake_at = self.queued - pending + self.chunker.chunk_samples
 
     async def _roll_over(self) -> None:
         self.rollover = True

@@ -76,7 +76,7 @@ class AudioChunker:
         """Duration of ``nbytes`` of this stream's audio, in ms."""
         return nbytes * 1000 / (self.sample_rate * self.bytes_per_sample)
 
-    def push(self, data: bytes) -> list[bytes]:
+    def push(self, data: bytes | bytearray) -> list[bytes]:
         """Add audio (any length, even split mid-sample) and return the chunks it completes."""
         self.bytes_in += len(data)
         self._pending += data
@@ -150,4 +150,9 @@ class Pacer:
             )
         if audio_ms_total > self._after_ms:
             self._before_ms, self._after_ms = self._after_ms, audio_ms_total
-        return self.start + max(0.0, self._before_ms - self.lead_ms) / 1000
+        return self.earliest(self._before_ms)
+
+    def earliest(self, chunk_start_ms: float) -> float:
+        """When a chunk beginning ``chunk_start_ms`` into the session may be sent, by the rule
+        above; unlike :meth:`due` it changes nothing (a sender asks before committing)."""
+        return self.start + max(0.0, chunk_start_ms - self.lead_ms) / 1000
