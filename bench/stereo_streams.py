@@ -174,7 +174,8 @@ def run_one(
                         "GATEWAY_STEREO_WS__SHARED_SECRET": STEREO_SECRET,
                     }
                 )
-                cmd = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1"]
+                profile = args.profile / f"gateway-{n}.prof" if args.profile else None
+                cmd = [*tc.gateway_command(False, profile), "serve", "--host", "127.0.0.1"]
                 gw = tc.Child(
                     "gateway", [*cmd, "--port", "0"], cores=gw_cores, env=gw_env, stderr=gw_log
                 )
@@ -338,6 +339,12 @@ def main() -> int:
     parser.add_argument("--tail", type=float, default=8)
     parser.add_argument("--audio", type=Path, default=ROOT / "samples" / "diane_sheila.wav")
     parser.add_argument("--gateway-core", type=int, default=0)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(c) for c in args.calls.split(",") if c.strip()]
