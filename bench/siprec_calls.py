@@ -381,7 +381,8 @@ def run_one(
                         "GATEWAY_SIPREC__RTP_PORT_MAX": str(40000 + 4 * (n + 20)),
                     }
                 )
-                cmd = [sys.executable, "-m", "gateway", "serve", "--host", "127.0.0.1"]
+                profile = args.profile / f"gateway-{n}.prof" if args.profile else None
+                cmd = [*tc.gateway_command(False, profile), "serve", "--host", "127.0.0.1"]
                 gw = tc.Child(
                     "gateway", [*cmd, "--port", "0"], cores=gw_cores, env=gw_env, stderr=gw_log
                 )
@@ -556,6 +557,12 @@ def main() -> int:
     parser.add_argument("--gateway-core", type=int, default=0)
     parser.add_argument(
         "--srtp", action="store_true", help="SRTP media (SDES, AES_CM_128_HMAC_SHA1_80)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()

@@ -453,6 +453,9 @@ class SiprecSettings(_Section):
     # no backpressure, so beyond this newly arriving packets are dropped (and the hole is
     # silence on the call clock) instead of the queue growing while recognition lags.
     max_backlog_s: float = Field(10.0, ge=1.0, le=300.0)
+    # Each stream's consecutive packets go on to the call in blocks of this many ms (0: every
+    # packet), after the jitter buffer. Up to stt.assemblyai.chunk_ms it adds no delay.
+    batch_ms: int = Field(100, ge=0, le=1000)
 
     @field_validator("allowlist")
     @classmethod

@@ -213,6 +213,28 @@ async def test_reinvite_to_hold_and_back(tmp_path: Path) -> None:
         client.close()
 
 
+async def test_a_stream_gone_quiet_does_not_keep_its_last_packets(tmp_path: Path) -> None:
+    """Packets go on to the call in 100 ms blocks (siprec.batch_ms). A stream that stops
+    sending (silence suppression, a pause) must not keep the tail of its speech waiting for a
+    next packet that may not come for seconds: it reaches the call once the stream is quiet."""
+    async with siprec_gateway(siprec_settings(tmp_path), hello_engine()) as (gw, svc):
+        target = ("127.0.0.1", svc.sip_ports["udp"])
+        client = await SipUdpClient.open()
+        dialog, ok = await establish(client, target)
+        ports = [("127.0.0.1", p) for p in answer_ports(ok)]
+        speech = encode(Codec.L16, decode(Codec.PCMU, bytes(range(256)) * 21))[: 2 * 8 * 660]
+        sent = await play_rtp(ports, [speech, speech], speed=2.0)  # 33 packets: 60 ms over
+        call = gw.registry.get(dialog.call_id)
+        assert call is not None and sent == 33
+        await poll_until(
+            lambda: all(c.received_samples == sent * 160 for c in call.channels.values()), 2
+        )
+        client.send(dialog.bye(), target)
+        await client.expect(200)
+        await gw.idle()
+        client.close()
+
+
 async def test_reinvite_with_another_codec_keeps_the_audio(tmp_path: Path) -> None:
     """An SRC switching from PCMU to PCMA mid-call (re-INVITE): the same ports answer with
     PCMA and the audio that follows reaches the call, not dropped as an unknown type."""

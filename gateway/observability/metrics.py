@@ -143,7 +143,8 @@ class Metrics:
         )
         self.siprec_packet_delay = Histogram(
             "callgate_siprec_packet_delay_seconds",
-            "From an RTP packet's arrival to its audio on the call clock (sampled)",
+            "From the arrival of the RTP packet completing a block to that block on the call clock "
+            "(sampled)",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=r,
         )

@@ -50,6 +50,7 @@ from gateway.calls.live import LiveCall
 from gateway.calls.registry import AdmissionRefused, CallRegistry
 from gateway.calls.tasks import TaskSet
 from gateway.config import Settings, SiprecSettings
+from gateway.ingress.audio_batcher import AudioBatcher
 from gateway.ingress.events import Audio, CallEnded, CallStarted, Hold, IngressEvent
 from gateway.ingress.siprec.auth import DigestAuth
 from gateway.ingress.siprec.dialog import (
@@ -84,7 +85,7 @@ log = get_logger("gateway.siprec")
 
 SOURCE = "siprec"
 RELATCH_S = 1.0  # a stream's latched source silent this long: another source may take over
-DELAY_SAMPLE = 10  # observe the packet-to-clock delay of every Nth audio event
+DELAY_SAMPLE = 5  # observe the packet-to-clock delay of every Nth block placed
 COUNT_EVERY = 50  # add media frames/bytes to the counters every N packets
 
 # (status, reason) to refuse an INVITE with, or None to accept it.
@@ -184,7 +185,11 @@ class _SipCall:
         self.stopped: str | None = None
         self.packets = self.bytes = self.packets_counted = self.bytes_counted = 0
         self.dropped_counted = Counter[str]()  # receivers' drop counters already in the metric
-        self.audio_events = 0
+        # Each channel's consecutive packets go on to the call in siprec.batch_ms blocks.
+        self.batchers: dict[int, AudioBatcher] = {}
+        self.blocks_placed = 0
+        self.last_audio_at = 0.0  # loop time of the last packet's arrival
+        self.release_due = False
         # Audio events the queue may hold per RTP stream (siprec.max_backlog_s of 20 ms
         # packets); beyond it arriving packets are dropped (UDP has no backpressure).
         self.backlog_per_stream = max(1, round(service.settings.siprec.max_backlog_s * 50))
@@ -289,6 +294,18 @@ class _SipCall:
         if self.packets - self.packets_counted >= COUNT_EVERY:
             self.count_media()
 
+    def release_if_quiet(self, now: float, quiet_s: float) -> None:
+        """No packet for ``quiet_s`` (silence suppression, a pause) while the batchers hold
+        audio: have the task hand it on, so the tail of the speech does not wait for a next
+        packet that may not come for seconds. Called again each sweep until it is done."""
+        if (
+            self.stopped is None
+            and now - self.last_audio_at >= quiet_s
+            and any(b.waiting for b in self.batchers.values())
+        ):
+            self.release_due = True
+            self.wake.set()
+
     def _drop_backlog(self) -> None:
         if not self.backlog_dropped:
             # Once per call: recognition is slower than real time (an overloaded local engine).
@@ -333,6 +350,10 @@ class _SipCall:
                 if not self.queue:
                     if self.stopped is not None:
                         return
+                    if self.release_due:  # the streams went quiet (release_if_quiet)
+                        self.release_due = False
+                        await self._flush_batches()
+                        continue
                     deadline = self.media.next_deadline() if self.media else None
                     self.wake.clear()
                     if deadline is None:
@@ -374,28 +395,54 @@ class _SipCall:
 
     async def _apply(self, event: IngressEvent, at: float) -> None:
         call = self.live.call
+        if type(event) is Audio and event.payload:  # nearly every event: one packet's audio
+            self.last_audio_at = at
+            blocks = self._batched(event)
+            for block in blocks:
+                await call.handle(block)
+            if blocks:
+                self.blocks_placed += 1
+                if self.blocks_placed % DELAY_SAMPLE == 0:
+                    self.service.packet_delay.observe(self.service.loop.time() - at)
+            return
+        # Anything else comes after the audio before it: what the batchers hold goes first.
+        await self._flush_batches()
         if isinstance(event, CallStarted):
             await self.live.start(event, self.link)
             return
         if isinstance(event, Hold) and self.media is not None:
             for flushed in self.media.flush():
-                await call.handle(flushed)
-        if isinstance(event, Audio):
-            if self.live.first_media_at is None:
-                self.live.first_media_at = time.monotonic()
-            await call.handle(event)
-            self.audio_events += 1
-            if self.audio_events % DELAY_SAMPLE == 0:
-                self.service.packet_delay.observe(self.service.loop.time() - at)
-            return
+                await self._apply(flushed, at)
+            await self._flush_batches()
+        if isinstance(event, Audio) and self.live.first_media_at is None:
+            self.live.first_media_at = time.monotonic()  # the empty Audio pinning call time
         await call.handle(event)
+
+    def _batched(self, audio: Audio) -> list[Audio]:
+        """``audio`` into its channel's batcher; the blocks it completes (usually none)."""
+        batcher = self.batchers.get(audio.channel)
+        if batcher is None:
+            assert self.media is not None  # audio comes from the call's media
+            receiver = self.media.receivers[audio.channel]
+            batcher = self.batchers[audio.channel] = AudioBatcher(
+                self.service.conf.batch_ms,
+                receiver.config.clock_rate,
+                receiver.target.sample_width,  # Audio is in the receiver's target codec
+            )
+        return batcher.push(audio)
+
+    async def _flush_batches(self) -> None:
+        for channel in sorted(self.batchers):
+            for block in self.batchers[channel].flush():
+                await self.live.call.handle(block)
 
     async def _flush(self) -> None:
         if self.media is None or self.stopped is not None:
             return
         if self.live.call.channels:  # started: place what the jitter buffers still hold
             for event in self.media.flush():
-                await self.live.call.handle(event)
+                await self._apply(event, self.service.loop.time())
+            await self._flush_batches()
 
 
 class SiprecService:
@@ -427,6 +474,7 @@ class SiprecService:
         self._tasks = TaskSet("siprec")
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._sweep: asyncio.TimerHandle | None = None  # release_if_quiet, every batch_ms
 
     # -- accessors -----------------------------------------------------------------------------
 
@@ -524,6 +572,8 @@ class SiprecService:
             ),
             self._ports,
         )
+        if conf.batch_ms:
+            self._sweep = self._loop.call_later(conf.batch_ms / 1000, self._sweep_quiet)
         log.info(
             "siprec.listening",
             host=conf.host,
@@ -537,6 +587,9 @@ class SiprecService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._transports is not None:
             await self._transports.close()
         for call in self._calls.values():
@@ -545,6 +598,14 @@ class SiprecService:
         self._calls.clear()
         if self._ports is not None:
             self._ports.close()
+
+    def _sweep_quiet(self) -> None:
+        """Every batch_ms: calls whose streams went quiet hand on what their batchers hold."""
+        quiet_s = self.conf.batch_ms / 1000
+        now = self.loop.time()
+        for call in self._calls.values():
+            call.release_if_quiet(now, quiet_s)
+        self._sweep = self.loop.call_later(quiet_s, self._sweep_quiet)
 
     # -- SIP in --------------------------------------------------------------------------------
 
