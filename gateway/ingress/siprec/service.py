@@ -70,7 +70,7 @@ from gateway.ingress.siprec.dialog import (
 from gateway.ingress.siprec.message import ParseError, ParseResult, SipRequest
 from gateway.ingress.siprec.participants import RolePolicy
 from gateway.ingress.siprec.rtp import CallMedia
-from gateway.ingress.siprec.rtp_ports import MAX_READS, RECV_BYTES, RtpPorts
+from gateway.ingress.siprec.rtp_ports import RECV_BYTES, RtpPorts
 from gateway.ingress.siprec.transport import SipTransports, tls_client_context, tls_context
 from gateway.ingress.ws_shell import call_options
 from gateway.media.clock import TimestampJump
@@ -251,48 +251,52 @@ class _SipCall:
             stream.latched = None  # a new offer may move the sender
 
     def readable(self, stream: _Stream, sock: socket.socket) -> None:
-        """Read what a stream's socket holds; the events go to the queue."""
-        now = self.service.loop.time()
+        """Read one datagram from a stream's socket; its events go to the queue.
+
+        One per readiness callback: readiness is level-triggered, so the loop calls again while
+        more wait, and trying for another costs a failing syscall and an exception per packet
+        at real-time rates (bench/siprec_calls.py, paired: 4 % of the CPU per call)."""
+        try:
+            data, addr = sock.recvfrom(RECV_BYTES)
+        except OSError:  # BlockingIOError (a spurious wakeup), ICMP errors
+            return
+        if self.media is not None and self.stopped is None:
+            if self._take(stream, data, addr, self.service.loop.time()):
+                self.wake.set()
+            if self.packets - self.packets_counted >= COUNT_EVERY:
+                self.count_media()
+
+    def _take(self, stream: _Stream, data: bytes, source: Address, now: float) -> bool:
+        """One datagram from ``source`` (the address as the socket reports it) through the
+        call's media; whether it queued events."""
         media = self.media
+        assert media is not None
+        latched = stream.latched
+        if latched is not None and latched != source and now - stream.last_at < RELATCH_S:
+            stream.dropped += 1  # another sender while the latched one is alive
+            return False
         queue = self.queue
-        limit = self.backlog_per_stream * len(media.receivers) if media is not None else 0
+        limit = self.backlog_per_stream * len(media.receivers)
+        receiver = media.receivers[stream.channel]
+        accepted = receiver.stats.accepted
+        self.packets += 1
+        self.bytes += len(data)
         got = False
-        for _ in range(MAX_READS):
-            try:
-                data, addr = sock.recvfrom(RECV_BYTES)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                break
-            if media is None or self.stopped is not None:
+        for event in media.receive(stream.channel, data, now):
+            if len(queue) >= limit and type(event) is Audio:
+                self._drop_backlog()
                 continue
-            source = addr  # (host, port[, flow, scope]) as the socket reports it
-            latched = stream.latched
-            if latched is not None and latched != source and now - stream.last_at < RELATCH_S:
-                stream.dropped += 1  # another sender while the latched one is alive
-                continue
-            receiver = media.receivers[stream.channel]
-            accepted = receiver.stats.accepted
-            self.packets += 1
-            self.bytes += len(data)
-            for event in media.receive(stream.channel, data, now):
-                if len(queue) >= limit and type(event) is Audio:
-                    self._drop_backlog()
-                    continue
-                queue.append((event, now))
-                got = True
-            if receiver.stats.accepted == accepted:
-                continue  # forged, malformed or foreign: it must not capture the stream
-            if stream.latched != source:
-                # Latch (or move) only on a packet the receiver took: with SRTP, authentic.
-                if stream.latched is not None:
-                    log.info("siprec.rtp_relatched", sip_call_id=self.sip_call_id)
-                stream.latched = source
-            stream.last_at = now
-        if got:
-            self.wake.set()
-        if self.packets - self.packets_counted >= COUNT_EVERY:
-            self.count_media()
+            queue.append((event, now))
+            got = True
+        if receiver.stats.accepted == accepted:
+            return got  # forged, malformed or foreign: it must not capture the stream
+        if stream.latched != source:
+            # Latch (or move) only on a packet the receiver took: with SRTP, authentic.
+            if stream.latched is not None:
+                log.info("siprec.rtp_relatched", sip_call_id=self.sip_call_id)
+            stream.latched = source
+        stream.last_at = now
+        return got
 
     def release_if_quiet(self, now: float, quiet_s: float) -> None:
         """No packet for ``quiet_s`` (silence suppression, a pause) while the batchers hold
