@@ -558,12 +558,7 @@ def main() -> int:
     parser.add_argument(
         "--srtp", action="store_true", help="SRTP media (SDES, AES_CM_128_HMAC_SHA1_80)"
     )
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
-    )
+    tc.add_profile_option(parser)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(c) for c in args.calls.split(",") if c.strip()]

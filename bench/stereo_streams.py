@@ -339,12 +339,7 @@ def main() -> int:
     parser.add_argument("--tail", type=float, default=8)
     parser.add_argument("--audio", type=Path, default=ROOT / "samples" / "diane_sheila.wav")
     parser.add_argument("--gateway-core", type=int, default=0)
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
-    )
+    tc.add_profile_option(parser)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(c) for c in args.calls.split(",") if c.strip()]

@@ -122,6 +122,17 @@ raise SystemExit(main())
 """
 
 
+def add_profile_option(parser: argparse.ArgumentParser) -> None:
+    """``--profile DIR``: the gateway under cProfile (:func:`gateway_command`), for every bench
+    built on this harness."""
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
+    )
+
+
 def gateway_command(first_frame: bool, profile: Path | None) -> list[str]:
     """``gateway serve``, or the same through a bootstrap that instruments or profiles it."""
     if not first_frame and profile is None:
@@ -1026,12 +1037,7 @@ def main() -> int:
         action="store_true",
         help="also record the delay from a chunk's first frame (adds a histogram in the gateway)",
     )
-    parser.add_argument(
-        "--profile",
-        type=Path,
-        metavar="DIR",
-        help="run the gateway under cProfile; stats in DIR/gateway-N.prof (slows it down)",
-    )
+    add_profile_option(parser)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     counts = [int(c) for c in args.calls.split(",") if c.strip()]

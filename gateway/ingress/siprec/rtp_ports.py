@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["RtpPorts"]
 
-# Datagrams read per readiness callback at most (a flood cannot starve the loop).
+# RTCP datagrams drained per readiness callback at most (a flood cannot starve the loop).
+# RTP sockets read one per callback (_SipCall.readable).
 MAX_READS = 64
 RECV_BYTES = 4096
 
